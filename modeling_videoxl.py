@@ -1,0 +1,714 @@
+"""Video-XL: a long-video LLM whose language model compresses what it sees.
+
+Visual tokens are fed window by window. Inside a window one visual summarization token (VST) follows every `r`
+visual tokens; VST rows use their own q/k/v projections. After the window only the VSTs' keys and values stay in
+memory ([`BeaconCache`]). Text is never compressed.
+
+The compression path reads top to bottom in [`VideoXLModel.forward`]:
+plan steps -> embed a step (encode its frames) -> run the layers -> keep what the keep rule keeps.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel
+from transformers.activations import ACT2FN
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+    eager_attention_forward,
+    rotate_half,
+)
+from transformers.utils import logging
+
+from .beacon_cache import BeaconCache
+from .configuration_videoxl import VideoXLConfig
+
+
+logger = logging.get_logger(__name__)
+
+VISUAL_INPUT_NAMES = ("pixel_values_videos", "pixel_values", "image_sizes")
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `x` `[batch, heads, rows, head_dim]` with `cos`/`sin` `[batch, rows, head_dim]`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Planning: which columns of input_ids run together, and how each window is interleaved with VSTs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """Columns `[start, end)` of `input_ids` run as one forward.
+
+    A text step (`ratio == 0`) is kept whole. A window step holds visual tokens of one kind (`token_id`), gets one
+    VST after every `ratio` of them, and keeps only its VSTs.
+    """
+
+    start: int
+    end: int
+    token_id: int | None = None
+    ratio: int = 0
+
+    @property
+    def is_window(self) -> bool:
+        return self.ratio > 0
+
+    @property
+    def num_vsts(self) -> int:
+        return (self.end - self.start) // self.ratio if self.is_window else 0
+
+    @property
+    def num_rows(self) -> int:
+        return self.end - self.start + self.num_vsts
+
+    def vst_rows(self, device: torch.device) -> torch.Tensor:
+        """Rows of the VSTs in the interleaved window: a VST closes every group of `ratio` visual tokens."""
+        return torch.arange(1, self.num_vsts + 1, device=device) * (self.ratio + 1) - 1
+
+    def rows_of_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """Row in this step of each input column (columns must lie inside the step)."""
+        offset = columns - self.start
+        return offset + offset // self.ratio if self.is_window else offset
+
+
+def allowed_ratios(config: VideoXLConfig) -> list[int]:
+    """Ratios that divide every window: the window length and the tokens of one frame or tile."""
+    unit = torch.gcd(torch.tensor(config.beacon_window), torch.tensor(config.tokens_per_frame)).item()
+    return [r for r in range(1, unit + 1) if unit % r == 0]
+
+
+def check_ratio(ratio: int, config: VideoXLConfig) -> int:
+    allowed = allowed_ratios(config)
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio not in allowed:
+        raise ValueError(
+            f"compression_ratio must divide the window of {config.beacon_window} tokens and a frame of "
+            f"{config.tokens_per_frame} tokens; allowed values: {allowed}, got {ratio!r}"
+        )
+    return ratio
+
+
+def visual_runs(token_row: torch.Tensor, visual_ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Maximal runs `(start, end, token_id)` of one visual token id in a 1-D row of ids."""
+    row = token_row.tolist()
+    runs, start = [], None
+    for i, tok in enumerate(row + [None]):
+        if start is not None and tok != row[start]:
+            runs.append((start, i, row[start]))
+            start = None
+        if start is None and tok in visual_ids:
+            start = i
+    return runs
+
+
+def plan_steps(
+    input_ids: torch.Tensor, config: VideoXLConfig, ratio_for_window: Callable[[], int]
+) -> list[Step]:
+    """Cut `input_ids` `[batch, seq]` into text steps and visual windows of `beacon_window` tokens.
+
+    Every sample of the batch must have its visual tokens in the same columns (one plan serves the batch).
+    """
+    visual_ids = (config.video_token_id, config.image_token_id)
+    is_visual = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
+    if input_ids.shape[0] > 1 and not (is_visual == is_visual[:1]).all():
+        raise ValueError(
+            "Every sample in a batch must have its visual tokens in the same columns (same prompt layout); "
+            "run prompts with different layouts one at a time."
+        )
+    steps, cursor = [], 0
+    for start, end, token_id in visual_runs(input_ids[0], visual_ids):
+        if start > cursor:
+            steps.append(Step(cursor, start))
+        for window_start in range(start, end, config.beacon_window):
+            window_end = min(window_start + config.beacon_window, end)
+            ratio = ratio_for_window()
+            if (window_end - window_start) % ratio:
+                raise ValueError(
+                    f"A visual window of {window_end - window_start} tokens is not divisible by the compression "
+                    f"ratio {ratio}: visual spans must be whole frames of {config.tokens_per_frame} tokens."
+                )
+            steps.append(Step(window_start, window_end, token_id, ratio))
+        cursor = end
+    if cursor < input_ids.shape[1]:
+        steps.append(Step(cursor, input_ids.shape[1]))
+    return steps
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class VideoXLAttention(nn.Module):
+    """Qwen2 attention whose VST rows compute q, k, v with their own `beacon_{q,k,v}_proj`.
+
+    Keys and values are `[memory ; step]`: the kept memory of earlier steps, then this step's rows. Besides the
+    output it returns the rows to keep: all rows of a text step, the VST rows of a window (keys rotated at their
+    memory positions).
+    """
+
+    def __init__(self, config, layer_idx: int, beacon_param: list[str]):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=True)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.beacon_param = tuple(beacon_param)
+        sizes = {"q": q_size, "k": kv_size, "v": kv_size}
+        for name in self.beacon_param:
+            setattr(self, f"beacon_{name}_proj", nn.Linear(config.hidden_size, sizes[name], bias=True))
+
+    def project(self, name: str, hidden_states: torch.Tensor, vst_rows: torch.Tensor | None) -> torch.Tensor:
+        """`{name}_proj` on every row, replaced by `beacon_{name}_proj` on the VST rows. Output `[batch, heads, rows, head_dim]`."""
+        out = getattr(self, f"{name}_proj")(hidden_states)
+        if vst_rows is not None and name in self.beacon_param:
+            vst_out = getattr(self, f"beacon_{name}_proj")(hidden_states[:, vst_rows])
+            out = out.index_copy(1, vst_rows, vst_out)
+        return out.view(*hidden_states.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_keys: torch.Tensor | None,
+        past_values: torch.Tensor | None,
+        vst_rows: torch.Tensor | None,
+        kept_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`hidden_states` `[batch, rows, hidden]` -> (output `[batch, rows, hidden]`, kept keys, kept values)."""
+        query = self.project("q", hidden_states, vst_rows)
+        key = self.project("k", hidden_states, vst_rows)
+        value = self.project("v", hidden_states, vst_rows)
+
+        cos, sin = position_embeddings
+        query, rotated_key = rotate(query, cos, sin), rotate(key, cos, sin)
+        keys = rotated_key if past_keys is None else torch.cat([past_keys, rotated_key], dim=2)
+        values = value if past_values is None else torch.cat([past_values, value], dim=2)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(
+            self,
+            query,
+            keys,
+            values,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        output = self.o_proj(output.reshape(*hidden_states.shape[:2], -1).contiguous())
+
+        if vst_rows is None:
+            return output, rotated_key, value
+        kept_cos, kept_sin = kept_position_embeddings
+        return output, rotate(key[:, :, vst_rows], kept_cos, kept_sin), value[:, :, vst_rows]
+
+
+class VideoXLDecoderLayer(GradientCheckpointingLayer):
+    """A Qwen2 decoder layer with [`VideoXLAttention`]. Pure: it reads the memory and returns what to keep, so
+    activation checkpointing can replay it."""
+
+    def __init__(self, config, layer_idx: int, beacon_param: list[str]):
+        super().__init__()
+        self.self_attn = VideoXLAttention(config, layer_idx, beacon_param)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_keys: torch.Tensor | None,
+        past_values: torch.Tensor | None,
+        vst_rows: torch.Tensor | None,
+        kept_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn_output, kept_keys, kept_values = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings,
+            attention_mask,
+            past_keys,
+            past_values,
+            vst_rows,
+            kept_position_embeddings,
+        )
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, kept_keys, kept_values
+
+
+class VideoXLVisionTower(nn.Module):
+    """CLIP vision encoder. Holds the library's `CLIPVisionModel` as `vision_tower.vision_model` so that parameter
+    names match the released checkpoint (`model.vision_tower.vision_tower.vision_model.*`)."""
+
+    def __init__(self, vision_config, feature_layer: int):
+        super().__init__()
+        self.vision_tower = nn.Module()
+        self.vision_tower.vision_model = AutoModel.from_config(vision_config)
+        self.feature_layer = feature_layer
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` `[n, 3, H, W]` -> patch features `[n, patches, vision_hidden]` (CLS dropped)."""
+        outputs = self.vision_tower.vision_model(pixel_values, output_hidden_states=True)
+        return outputs.hidden_states[self.feature_layer][:, 1:]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class VideoXLPreTrainedModel(PreTrainedModel):
+    config_class = VideoXLConfig
+    config: VideoXLConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VideoXLDecoderLayer", "CLIPEncoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, VideoXLModel):
+            nn.init.normal_(module.beacon_embed_tokens.weight, std=self.config.text_config.initializer_range)
+
+
+class VideoXLModel(VideoXLPreTrainedModel):
+    """The Video-XL backbone: vision tower, projector and a Qwen2 decoder that compresses visual windows."""
+
+    def __init__(self, config: VideoXLConfig):
+        super().__init__(config)
+        text = config.text_config
+        self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
+        self.beacon_embed_tokens = nn.Embedding(1, text.hidden_size)
+        self.layers = nn.ModuleList(
+            [VideoXLDecoderLayer(text, i, config.beacon_param) for i in range(text.num_hidden_layers)]
+        )
+        self.norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=text)
+        self.vision_tower = VideoXLVisionTower(config.vision_config, config.vision_feature_layer)
+        self.mm_projector = nn.Sequential(
+            nn.Linear(config.vision_config.hidden_size, text.hidden_size),
+            ACT2FN[config.projector_hidden_act],
+            nn.Linear(text.hidden_size, text.hidden_size),
+        )
+        self.ratio_generator = torch.Generator().manual_seed(config.ratio_seed)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def seed_compression_ratios(self, seed: int) -> None:
+        """Reseed the draw of per-window training ratios (same seed on every process keeps ranks in step)."""
+        self.ratio_generator.manual_seed(seed)
+
+    # ---- visual features ---------------------------------------------------------------------------------------
+
+    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector -> pool."""
+        features = self.vision_tower(pixel_values.to(self.mm_projector[0].weight.dtype))
+        features = self.mm_projector(features)
+        n, patches, dim = features.shape
+        side = int(patches**0.5)
+        grid = features.view(n, side, side, dim).permute(0, 3, 1, 2)
+        pooled = nn.functional.avg_pool2d(grid, self.config.spatial_pool_stride)
+        return pooled.flatten(2).transpose(1, 2)
+
+    def window_features(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """LLM inputs `[batch, window_tokens, hidden]` for one window. Only this window's frames go through CLIP.
+
+        `visual_offset`: visual tokens of this kind before the window in a sample; `pixels` `[frames, 3, H, W]`
+        holds the frames of all samples, sample after sample.
+        """
+        per_frame = self.config.tokens_per_frame
+        first, last = visual_offset // per_frame, -(-(visual_offset + step.end - step.start) // per_frame)
+        frames_per_sample = pixels.shape[0] // batch_size
+        frame_ids = torch.cat([torch.arange(first, last) + b * frames_per_sample for b in range(batch_size)])
+        features = self.encode_frames(pixels[frame_ids.to(pixels.device)])
+        features = features.reshape(batch_size, (last - first) * per_frame, -1)
+        skip = visual_offset - first * per_frame
+        return features[:, skip : skip + step.end - step.start]
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+
+    def embed_step(
+        self, step: Step, input_ids: torch.Tensor, visual_inputs: dict[int, torch.Tensor], visual_offset: int
+    ) -> torch.Tensor:
+        """Inputs of one step `[batch, rows, hidden]`: token embeddings, or window features interleaved with VSTs."""
+        if not step.is_window:
+            return self.embed_tokens(input_ids[:, step.start : step.end])
+        batch = input_ids.shape[0]
+        features = self.window_features(step, visual_offset, visual_inputs[step.token_id], batch)
+        groups = features.reshape(batch, step.num_vsts, step.ratio, -1)
+        vst = self.beacon_embed_tokens.weight.to(groups.dtype).expand(batch, step.num_vsts, 1, -1)
+        return torch.cat([groups, vst], dim=2).reshape(batch, step.num_rows, -1)
+
+    def step_mask(
+        self, row_valid: torch.Tensor, key_mask: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Additive mask `[batch, 1, rows, kept + rows]`: all valid memory, then causal over the step.
+
+        Every row sees itself so that a padding row's softmax stays finite; no other row attends to padding.
+        Returns None where nothing needs masking (a single row and no padding).
+        """
+        rows = row_valid.shape[1]
+        kept = 0 if key_mask is None else key_mask.shape[1]
+        key_valid = row_valid if key_mask is None else torch.cat([key_mask.bool(), row_valid], dim=1)
+        if rows == 1 and key_valid.all():
+            return None
+        if self.config.text_config._attn_implementation == "flash_attention_2":
+            if not key_valid.all():
+                raise ValueError("flash_attention_2 does not support padded batches here; use sdpa or eager.")
+            return None  # flash-attn aligns its causal mask to the end of the keys: memory is fully visible
+        device = row_valid.device
+        causal = torch.ones(rows, rows, dtype=torch.bool, device=device).tril()
+        pattern = torch.cat([torch.ones(rows, kept, dtype=torch.bool, device=device), causal], dim=1)
+        allowed = pattern[None] & key_valid[:, None, :]
+        allowed[:, torch.arange(rows), kept + torch.arange(rows)] = True
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def step_positions(self, step: Step, row_valid: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Compact positions `[batch, rows]`: each valid row counts the valid rows before it, memory included."""
+        if step.is_window:
+            return base[:, None] + torch.arange(step.num_rows, device=base.device)
+        return (base[:, None] + row_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        cache: BeaconCache,
+        step: Step,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        base: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run every layer on one step and keep, per layer, what the keep rule keeps."""
+        position_embeddings = self.rotary_emb(hidden_states, positions)
+        vst_rows, kept_position_embeddings = None, None
+        if step.is_window:
+            vst_rows = step.vst_rows(hidden_states.device)
+            kept_positions = base[:, None] + torch.arange(step.num_vsts, device=base.device)
+            kept_position_embeddings = self.rotary_emb(hidden_states, kept_positions)
+        for layer_idx, layer in enumerate(self.layers):
+            past_keys, past_values = cache.memory(layer_idx)
+            hidden_states, kept_keys, kept_values = layer(
+                hidden_states,
+                position_embeddings,
+                mask,
+                past_keys,
+                past_values,
+                vst_rows,
+                kept_position_embeddings,
+            )
+            cache.keep(layer_idx, kept_keys, kept_values)
+        return hidden_states
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        cache: BeaconCache | None = None,
+        compression_ratio: int | None = None,
+        output_columns: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPast:
+        """Run `input_ids` `[batch, seq]` against `cache` (a new one if None), compressing every visual window.
+
+        Args:
+            attention_mask: `[batch, seq]` or `[batch, past + seq]` (1 = token, 0 = padding); its last `seq`
+                columns belong to `input_ids`.
+            pixel_values_videos: `[videos, frames, 3, H, W]` or `[frames, 3, H, W]`: frames of every video in
+                order of appearance, sample after sample; `frames_total * tokens_per_frame` video tokens.
+            pixel_values: image tiles `[tiles, 3, H, W]` (or with a leading image dim), in the same order.
+            compression_ratio: one ratio for every window; None draws per window in training, else the config's.
+            output_columns: sorted columns `[n]` whose final hidden states are returned; None = all.
+
+        Returns:
+            `last_hidden_state` `[batch, n, hidden]` at `output_columns`, and the `cache` with the kept memory.
+        """
+        batch, length = input_ids.shape
+        cache = cache if cache is not None else BeaconCache(len(self.layers))
+        visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
+        steps = plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
+        valid = self.input_validity(attention_mask, input_ids)
+        columns = torch.arange(length, device=input_ids.device) if output_columns is None else output_columns
+
+        outputs, visual_seen = [], {token_id: 0 for token_id in visual_inputs}
+        for step in steps:
+            hidden_states = self.embed_step(step, input_ids, visual_inputs, visual_seen.get(step.token_id, 0))
+            row_valid = self.row_validity(step, valid)
+            base = cache.valid_length()
+            base = torch.zeros(batch, dtype=torch.long, device=input_ids.device) if base is None else base
+            mask = self.step_mask(row_valid, cache.key_mask, hidden_states.dtype)
+            positions = self.step_positions(step, row_valid, base)
+            hidden_states = self.run_layers(hidden_states, cache, step, positions, mask, base)
+            cache.keep_mask(row_valid[:, step.vst_rows(input_ids.device)] if step.is_window else row_valid)
+            if step.is_window:
+                visual_seen[step.token_id] += step.end - step.start
+            wanted = columns[(columns >= step.start) & (columns < step.end)]
+            if wanted.numel():
+                outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
+        cache.seen_tokens += length
+        return BaseModelOutputWithPast(last_hidden_state=torch.cat(outputs, dim=1) if outputs else None, cache=cache)
+
+    # ---- input handling ----------------------------------------------------------------------------------------
+
+    def ratio_sampler(self, compression_ratio: int | None) -> Callable[[], int]:
+        """The ratio of each window: the given one; a draw from the training ratios in train mode; else the default."""
+        if compression_ratio is not None:
+            ratio = check_ratio(compression_ratio, self.config)
+            return lambda: ratio
+        if not self.training:
+            ratio = check_ratio(self.config.beacon_ratio, self.config)
+            return lambda: ratio
+        choices = [check_ratio(r, self.config) for r in self.config.beacon_train_ratios]
+        return lambda: choices[torch.randint(len(choices), (1,), generator=self.ratio_generator).item()]
+
+    @staticmethod
+    def input_validity(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[batch, seq]` bool: which input columns are tokens (not padding)."""
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, seq], got shape {tuple(attention_mask.shape)} for input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        if attention_mask.shape[1] < input_ids.shape[1]:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns, fewer than the {input_ids.shape[1]} of input_ids"
+            )
+        return attention_mask[:, -input_ids.shape[1] :].bool()
+
+    @staticmethod
+    def row_validity(step: Step, valid: torch.Tensor) -> torch.Tensor:
+        """`[batch, rows]` bool validity of a step's rows; VSTs of a window are valid when its visual tokens are."""
+        columns = valid[:, step.start : step.end]
+        if not step.is_window:
+            return columns
+        groups = columns.reshape(columns.shape[0], step.num_vsts, step.ratio)
+        return torch.cat([groups, groups[:, :, -1:]], dim=2).flatten(1)
+
+    def check_visual_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+    ) -> dict[int, torch.Tensor]:
+        """Map each visual token id to its frames `[n, 3, H, W]`, checking that token and frame counts agree."""
+        inputs = {}
+        for name, token_id, pixels in (
+            ("pixel_values_videos", self.config.video_token_id, pixel_values_videos),
+            ("pixel_values", self.config.image_token_id, pixel_values),
+        ):
+            num_tokens = int((input_ids == token_id).sum())
+            frames = None if pixels is None else pixels.reshape(-1, *pixels.shape[-3:])
+            num_frames = 0 if frames is None else frames.shape[0]
+            if num_tokens != num_frames * self.config.tokens_per_frame:
+                raise ValueError(
+                    f"{name} holds {num_frames} frames/tiles = {num_frames * self.config.tokens_per_frame} visual "
+                    f"tokens, but input_ids has {num_tokens} tokens with id {token_id}"
+                    f" ({self.config.tokens_per_frame} tokens per frame or tile)"
+                )
+            if num_frames:
+                if pixels.dim() < 4:
+                    raise ValueError(f"{name} must be [n, 3, H, W] or [videos, n, 3, H, W], got {tuple(pixels.shape)}")
+                inputs[token_id] = frames
+        return inputs
+
+
+class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
+    """Video-XL with a language-model head: `generate` on videos, images and text; `labels` for training."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: VideoXLConfig):
+        super().__init__(config)
+        self.model = VideoXLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def seed_compression_ratios(self, seed: int) -> None:
+        self.model.seed_compression_ratios(seed)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        cache: BeaconCache | None = None,
+        labels: torch.LongTensor | None = None,
+        compression_ratio: int | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids: `[batch, seq]` with one `video_token_id` per video token (frames x 144) and one
+                `image_token_id` per image token (tiles x 144), as the processor writes them.
+            image_sizes: `[images, 2]` original image sizes from the processor; the tiles already carry everything
+                the model needs, so they are accepted and not used.
+            cache: a [`BeaconCache`] to continue from (its memory is extended in place).
+            labels: `[batch, seq]` next-token labels (-100 = ignored). Logits are then computed only where a label
+                follows, and `logits` is `[batch, n, vocab]` over those columns.
+            compression_ratio: one VST after every `compression_ratio` visual tokens in every window.
+            logits_to_keep: int k = the last k columns (0 = all); or a 1-D tensor of columns.
+        """
+        if labels is not None:
+            shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            columns = (shift_labels != -100).any(dim=0).nonzero().squeeze(1)
+        elif isinstance(logits_to_keep, torch.Tensor):
+            columns = logits_to_keep.to(input_ids.device)
+        elif logits_to_keep:
+            columns = torch.arange(max(input_ids.shape[1] - logits_to_keep, 0), input_ids.shape[1], device=input_ids.device)
+        else:
+            columns = None
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            pixel_values_videos=pixel_values_videos,
+            pixel_values=pixel_values,
+            cache=cache,
+            compression_ratio=compression_ratio,
+            output_columns=columns,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(hidden_states) if hidden_states is not None else None
+
+        loss = None
+        if labels is not None:
+            if logits is None:
+                loss = self.lm_head.weight.sum() * 0.0  # nothing labelled: a zero that still reaches the graph
+            else:
+                loss = self.loss_function(
+                    logits=logits,
+                    labels=None,
+                    shift_labels=shift_labels[:, columns],
+                    vocab_size=self.config.text_config.vocab_size,
+                    **kwargs,
+                )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache if use_cache is not False else None
+        )
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = BeaconCache(self.config.text_config.num_hidden_layers)
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: BeaconCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """Feed only the columns the cache has not absorbed; pixels only while visual tokens are among them."""
+        seen = cache.seen_tokens if isinstance(cache, BeaconCache) else 0
+        model_inputs = {"input_ids": input_ids[:, seen:], "cache": cache, "attention_mask": attention_mask}
+        for key, value in kwargs.items():
+            if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds"):
+                continue
+            if key in VISUAL_INPUT_NAMES and seen > 0:
+                continue
+            model_inputs[key] = value
+        return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        """Repeat each sample's frames with the sample (the library's repeat would interleave frames of a video)."""
+        if expand_size > 1 and input_ids is not None:
+            for name, token_id in (
+                ("pixel_values_videos", self.config.video_token_id),
+                ("pixel_values", self.config.image_token_id),
+            ):
+                pixels = model_kwargs.pop(name, None)
+                if pixels is not None:
+                    frames = pixels.reshape(-1, *pixels.shape[-3:])
+                    per_sample = ((input_ids == token_id).sum(dim=1) // self.config.tokens_per_frame).tolist()
+                    chunks = frames.split(per_sample)
+                    model_kwargs[name] = torch.cat([chunk for chunk in chunks for _ in range(expand_size)])
+            model_kwargs.pop("image_sizes", None)
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load as usual; VST weights missing from the checkpoint start as copies of q/k/v and of the eos row."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = [key for key in info["missing_keys"] if "beacon_" in key]
+        if missing:
+            logger.warning(
+                f"{len(missing)} VST weights are missing from the checkpoint (e.g. {missing[0]}); initialising them "
+                "as copies of q/k/v_proj and of the eos embedding row."
+            )
+            model.init_vst_parameters()
+            info["missing_keys"] = [key for key in info["missing_keys"] if "beacon_" not in key]
+        return (model, info) if output_loading_info else model
+
+    @torch.no_grad()
+    def init_vst_parameters(self) -> None:
+        """Copy q/k/v_proj into beacon_{q,k,v}_proj (copies, not ties) and the eos embedding into the VST row."""
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            for name in attn.beacon_param:
+                source, target = getattr(attn, f"{name}_proj"), getattr(attn, f"beacon_{name}_proj")
+                target.weight.copy_(source.weight)
+                target.bias.copy_(source.bias)
+        eos = self.config.text_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        self.model.beacon_embed_tokens.weight.copy_(self.model.embed_tokens.weight[eos : eos + 1])
+
+
+__all__ = ["VideoXLPreTrainedModel", "VideoXLModel", "VideoXLForCausalLM", "BeaconCache"]
