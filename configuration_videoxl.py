@@ -47,6 +47,14 @@ CLIP_L_336 = {
 }
 
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_videoxl.VideoXLConfig",
+    "AutoModel": "modeling_videoxl.VideoXLForCausalLM",
+    "AutoModelForCausalLM": "modeling_videoxl.VideoXLForCausalLM",
+    "AutoModelForImageTextToText": "modeling_videoxl.VideoXLForCausalLM",
+}
+
+
 @strict
 class VideoXLConfig(PreTrainedConfig):
     r"""
@@ -95,6 +103,9 @@ class VideoXLConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if not getattr(self, "auto_map", None):
+            # Saved into config.json so that every Auto class finds the remote code.
+            self.auto_map = dict(AUTO_MAP)
         if self.beacon_train_ratios is None:
             self.beacon_train_ratios = [2, 4, 8]
         if self.beacon_param is None:

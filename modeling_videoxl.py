@@ -158,10 +158,12 @@ class VideoXLAttention(nn.Module):
     memory positions).
     """
 
-    def __init__(self, config, layer_idx: int, beacon_param: list[str]):
+    def __init__(self, config: VideoXLConfig, layer_idx: int):
         super().__init__()
+        # The composite config: it carries the attention implementation chosen for the whole model.
         self.config = config
         self.layer_idx = layer_idx
+        beacon_param, config = config.beacon_param, config.text_config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
@@ -230,9 +232,10 @@ class VideoXLDecoderLayer(GradientCheckpointingLayer):
     """A Qwen2 decoder layer with [`VideoXLAttention`]. Pure: it reads the memory and returns what to keep, so
     activation checkpointing can replay it."""
 
-    def __init__(self, config, layer_idx: int, beacon_param: list[str]):
+    def __init__(self, config: VideoXLConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = VideoXLAttention(config, layer_idx, beacon_param)
+        self.self_attn = VideoXLAttention(config, layer_idx)
+        config = config.text_config
         self.mlp = Qwen2MLP(config)
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -308,7 +311,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
         self.beacon_embed_tokens = nn.Embedding(1, text.hidden_size)
         self.layers = nn.ModuleList(
-            [VideoXLDecoderLayer(text, i, config.beacon_param) for i in range(text.num_hidden_layers)]
+            [VideoXLDecoderLayer(config, i) for i in range(text.num_hidden_layers)]
         )
         self.norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=text)
@@ -385,7 +388,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         key_valid = row_valid if key_mask is None else torch.cat([key_mask.bool(), row_valid], dim=1)
         if rows == 1 and key_valid.all():
             return None
-        if self.config.text_config._attn_implementation == "flash_attention_2":
+        if self.config._attn_implementation == "flash_attention_2":
             if not key_valid.all():
                 raise ValueError("flash_attention_2 does not support padded batches here; use sdpa or eager.")
             return None  # flash-attn aligns its causal mask to the end of the keys: memory is fully visible
@@ -666,19 +669,21 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         """Repeat each sample's frames with the sample (the library's repeat would interleave frames of a video)."""
-        if expand_size > 1 and input_ids is not None:
-            for name, token_id in (
-                ("pixel_values_videos", self.config.video_token_id),
-                ("pixel_values", self.config.image_token_id),
-            ):
-                pixels = model_kwargs.pop(name, None)
-                if pixels is not None:
-                    frames = pixels.reshape(-1, *pixels.shape[-3:])
-                    per_sample = ((input_ids == token_id).sum(dim=1) // self.config.tokens_per_frame).tolist()
-                    chunks = frames.split(per_sample)
-                    model_kwargs[name] = torch.cat([chunk for chunk in chunks for _ in range(expand_size)])
-            model_kwargs.pop("image_sizes", None)
-        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        visuals = {name: model_kwargs.pop(name, None) for name in VISUAL_INPUT_NAMES}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        for name, token_id in (
+            ("pixel_values_videos", self.config.video_token_id),
+            ("pixel_values", self.config.image_token_id),
+        ):
+            pixels = visuals[name]
+            if pixels is not None and expand_size > 1:
+                frames = pixels.reshape(-1, *pixels.shape[-3:])
+                per_sample = ((input_ids == token_id).sum(dim=1) // self.config.tokens_per_frame).tolist()
+                pixels = torch.cat([chunk for chunk in frames.split(per_sample) for _ in range(expand_size)])
+            model_kwargs[name] = pixels
+        return expanded_ids, model_kwargs
 
     # ---- loading -----------------------------------------------------------------------------------------------
 

@@ -37,12 +37,6 @@ QWEN2_FIELDS = (
     "eos_token_id",
 )
 VISION_FIELDS = tuple(CLIP_L_336) + ("num_channels", "attention_dropout", "initializer_range", "initializer_factor")
-AUTO_MAP = {
-    "AutoConfig": "configuration_videoxl.VideoXLConfig",
-    "AutoModel": "modeling_videoxl.VideoXLForCausalLM",
-    "AutoModelForCausalLM": "modeling_videoxl.VideoXLForCausalLM",
-    "AutoModelForImageTextToText": "modeling_videoxl.VideoXLForCausalLM",
-}
 # Qwen2's vocabulary has free rows from 151646 on; the processor's <image> and <video> take the first two.
 QWEN2_IMAGE_TOKEN_ID, QWEN2_VIDEO_TOKEN_ID = 151646, 151647
 
@@ -108,7 +102,6 @@ def convert_config(original: dict, input_dir: Path, vision_tower: Path | None) -
         tie_word_embeddings=original.get("tie_word_embeddings", False),
     )
     config.architectures = ["VideoXLForCausalLM"]
-    config.auto_map = dict(AUTO_MAP)
     return config
 
 

@@ -1,0 +1,39 @@
+"""Import the repo's flat remote-code files as one package, `videoxl`, as `trust_remote_code` would.
+
+The model files use relative imports (`from .beacon_cache import BeaconCache`), so they cannot be imported as
+top-level modules; scripts, tests and benchmarks get them from here instead.
+"""
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _register_package() -> None:
+    if "videoxl" not in sys.modules:
+        package = types.ModuleType("videoxl")
+        package.__path__ = [str(REPO_ROOT)]
+        sys.modules["videoxl"] = package
+
+
+_register_package()
+configuration = importlib.import_module("videoxl.configuration_videoxl")
+modeling = importlib.import_module("videoxl.modeling_videoxl")
+cache = importlib.import_module("videoxl.beacon_cache")
+
+VideoXLConfig = configuration.VideoXLConfig
+VideoXLForCausalLM = modeling.VideoXLForCausalLM
+BeaconCache = cache.BeaconCache
+
+# save_pretrained then copies the code files beside the weights (config.json carries the full auto_map).
+VideoXLConfig.register_for_auto_class()
+VideoXLForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def processing():
+    """The processor module (imported on demand: it needs PyAV and the tokenizer files)."""
+    return importlib.import_module("videoxl.processing_videoxl")
