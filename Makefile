@@ -16,7 +16,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) demo/run.py
+	HF_HUB_OFFLINE=1 $(PY) -m demo.run
 
 clean:
 	rm -rf $(VENV)

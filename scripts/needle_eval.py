@@ -1,0 +1,137 @@
+"""Needle in a video haystack: accuracy per (frames, depth), as in the Video-XL paper's figure.
+
+Synthetic (the tiny model; any model can take it):
+
+    python -m scripts.needle_eval --model demo/model --frames 10,40,100 --depths 0,25,50,75,100 --ratio 16 \
+        --samples 20 --seed 0 --json out.json --png out.png [--kind retrieval|ordering|counting] [--no-needle]
+
+The original's protocol (real models): a haystack video, needle images and their questions; each needle is
+inserted as one extra frame at each depth among `frames - 1` uniformly sampled haystack frames:
+
+    python -m scripts.needle_eval --model videoxl-7b --haystack long.mp4 --needles needles.json ...
+
+`needles.json`: `[{"image": "needle1.png", "question": "...\\nA. ...\\nB. ...", "answer": "B"}, ...]` (image
+paths relative to the JSON file). Answers are scored by the option letter.
+"""
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from demo.qa import answer_letter, ask, load
+from demo.synth import ATTRIBUTES, make_sample
+from scripts.local_import import processing
+
+
+def parse_list(text: str, kind=int) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def synthetic_trials(args) -> Iterator[tuple[int, float, object, str, str]]:
+    """(frames, depth, video, question, answer) for the synthetic task. Seeds stay below the training range."""
+    attributes = [a for a in ATTRIBUTES if a != "digit"] if args.no_digits else list(ATTRIBUTES)
+    for frames in args.frames:
+        for depth in args.depths:
+            for i in range(args.samples):
+                seed = (args.seed * 1000 + frames) * 1000 + int(depth) * 10 + i % 10 + (i // 10) * 100_000
+                attribute = attributes[i % len(attributes)] if args.kind == "retrieval" else None
+                sample = make_sample(
+                    seed, frames, args.kind, depth=depth, needle=not args.no_needle,
+                    attribute=attribute, digit_prob=0.0 if args.no_digits else 0.5,
+                )
+                yield frames, depth, sample.frames, sample.question, sample.answer
+
+
+def haystack_trials(args) -> Iterator[tuple[int, float, object, str, str]]:
+    """(frames, depth, frame list, question, answer) for the original's protocol."""
+    needles_file = Path(args.needles)
+    needles = json.loads(needles_file.read_text())
+    sampling = processing().VideoSampling(num_frames=max(args.frames) - 1)
+    for frames in args.frames:
+        sampling.num_frames = frames - 1
+        haystack, _ = processing().read_video_frames(args.haystack, sampling, lambda image: image)
+        for depth in args.depths:
+            for needle in needles:
+                image = Image.open(needles_file.parent / needle["image"]).convert("RGB")
+                at = round(depth / 100 * (frames - 1))
+                video = list(haystack[:at]) + [image] + list(haystack[at:])
+                yield frames, depth, video, needle["question"], needle["answer"]
+
+
+def heatmap(cells: dict, frames: list[int], depths: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.array([[cells[(f, d)] for f in frames] for d in depths])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(frames), 1.0 + 0.6 * len(depths)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(frames)), [str(f) for f in frames])
+    ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+    ax.set_xlabel("frames")
+    ax.set_ylabel("needle depth")
+    for (y, x), value in np.ndenumerate(grid):
+        ax.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--frames", type=parse_list, default=[10, 40, 100])
+    parser.add_argument("--depths", type=lambda t: parse_list(t, float), default=[0, 25, 50, 75, 100])
+    parser.add_argument("--ratio", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=20, help="questions per (frames, depth) cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", default="retrieval", choices=["retrieval", "ordering", "counting"])
+    parser.add_argument("--no-needle", action="store_true", help="control: the same questions, no needle shown")
+    parser.add_argument("--no-digits", action="store_true", help="no digit questions (the tiny model's setting)")
+    parser.add_argument("--haystack", help="a haystack video file (the original's protocol)")
+    parser.add_argument("--needles", help="JSON list of needle images and questions (with --haystack)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--png", type=Path)
+    args = parser.parse_args()
+
+    model, processor = load(args.model)
+    trials = haystack_trials(args) if args.haystack else synthetic_trials(args)
+    total = len(args.frames) * len(args.depths) * (len(json.loads(Path(args.needles).read_text())) if args.haystack else args.samples)
+    correct, results = {}, []
+    for frames, depth, video, question, answer in tqdm(trials, total=total, desc="needle"):
+        sampling = {"num_frames": frames} if args.haystack else {"fps": 1.0, "video_fps": 1.0}
+        reply = ask(model, processor, video, question, ratio=args.ratio, max_new_tokens=4, **sampling)
+        hit = answer_letter(reply.text) == answer
+        correct.setdefault((frames, depth), []).append(hit)
+        results.append({"frames": frames, "depth": depth, "answer": answer, "reply": reply.text, "correct": hit})
+
+    cells = {key: float(np.mean(hits)) for key, hits in correct.items()}
+    accuracy = float(np.mean([r["correct"] for r in results]))
+    print("| depth \\ frames | " + " | ".join(str(f) for f in args.frames) + " |")
+    print("|---" * (len(args.frames) + 1) + "|")
+    for depth in args.depths:
+        print(f"| {depth:g}% | " + " | ".join(f"{cells[(f, depth)]:.0%}" for f in args.frames) + " |")
+    print(f"\naccuracy {accuracy:.1%} over {len(results)} questions ({args.kind}, ratio {args.ratio}"
+          f"{', no needle' if args.no_needle else ''})")
+    summary = {
+        "model": str(args.model), "kind": args.kind, "ratio": args.ratio, "needle": not args.no_needle,
+        "accuracy": accuracy, "cells": [{"frames": f, "depth": d, "accuracy": a} for (f, d), a in cells.items()],
+        "results": results,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1))
+    if args.png:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        heatmap(cells, args.frames, args.depths, args.png, f"{args.kind}, r={args.ratio}: {accuracy:.0%}")
+
+
+if __name__ == "__main__":
+    main()
