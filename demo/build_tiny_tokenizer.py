@@ -9,7 +9,7 @@ Pre-tokenisation keeps newlines and ``? . , !`` as tokens of their own and marks
 follows a space with ``▁`` (Metaspace), so decoding reproduces the text exactly and every
 answer letter ``A``-``D`` is one token (the same token that starts its option line).
 
-Usage: ``python -m demo.build_tiny_tokenizer --out DIR`` (also runs as ``demo/build_tiny_tokenizer.py``).
+Usage: ``python -m demo.build_tiny_tokenizer --out DIR`` (or ``python demo/build_tiny_tokenizer.py``).
 """
 
 from __future__ import annotations

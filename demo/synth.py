@@ -25,6 +25,7 @@ import colorsys
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -276,7 +277,9 @@ def _smooth_interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
-def evolving_noise(rng: np.random.Generator, num_frames: int, height: int, width: int) -> np.ndarray:
+def evolving_noise(
+    rng: np.random.Generator, num_frames: int, height: int, width: int
+) -> np.ndarray:
     """Smooth value noise that morphs over time, through a three-colour muted palette.
 
     Returns uint8 ``[F, H, W, 3]``. Coarse random grids at keyframes every ~8 frames are blended
@@ -361,22 +364,34 @@ def upsample2x(frames: np.ndarray) -> np.ndarray:
 
 
 def _shape_polygon(shape: str, c: float, r: float) -> list[tuple[float, float]]:
-    """Vertices of a polygonal shape centred at ``(c, c)`` with outer radius ``r``."""
+    """Vertices of a polygonal shape centred at ``(c, c)`` filling a box of half-side ``r``.
+
+    Shapes fill their box generously (triangle and diamond span it fully, the star's inner
+    radius is half its outer one) so every shape keeps a large vivid area around a digit.
+    """
     if shape == "triangle":
-        angles = np.deg2rad([-90, 30, 150])
-        return [(c + r * np.cos(a), c + r * np.sin(a) + 0.15 * r) for a in angles]
+        return [(c, c - r), (c + r, c + r), (c - r, c + r)]
     if shape == "star":
         angles = np.deg2rad(-90 + 36 * np.arange(10))
-        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
-        return [(c + q * np.cos(a), c + q * np.sin(a)) for q, a in zip(radii, angles)]
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.5 * r)
+        return [(c + q * np.cos(a), c + q * np.sin(a) + 0.1 * r) for q, a in zip(radii, angles)]
     if shape == "diamond":
-        return [(c, c - r), (c + 0.8 * r, c), (c, c + r), (c - 0.8 * r, c)]
+        return [(c, c - r), (c + r, c), (c, c + r), (c - r, c)]
     if shape == "cross":
         a = 0.36 * r  # half arm width: thick arms, so the plus reads as a cross at 28 px/token
         pts = [(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r)]
         pts += [(-a, -r), (-a, -a), (-r, -a), (-r, a), (-a, a), (-a, r)]
         return [(c + x, c + y) for x, y in pts]
     raise ValueError(f"not a polygon shape: {shape}")
+
+
+#: Digit height as a fraction of the needle box, and its vertical offset in units of the
+#: half-side: thin shapes get a smaller digit set at their centre of mass, so the digit does
+#: not hide the colour and the outline.
+_DIGIT_LAYOUT: dict[str, tuple[float, float]] = {
+    "circle": (0.5, 0.0), "square": (0.5, 0.0), "cross": (0.5, 0.0),
+    "diamond": (0.42, 0.0), "star": (0.36, 0.12), "triangle": (0.38, 0.35),
+}
 
 
 @functools.lru_cache(maxsize=512)
@@ -402,10 +417,10 @@ def render_needle(colour: str, shape: str, digit: str | None, size: int) -> np.n
     else:
         draw.polygon(_shape_polygon(shape, c, r), fill=fill, outline=outline, width=width)
     if digit is not None:
-        font = ImageFont.load_default(size=int(big * 0.5))
-        cy = c + (0.15 * r if shape == "triangle" else 0.0)  # triangle's mass sits low
+        height, offset = _DIGIT_LAYOUT[shape]
+        font = ImageFont.load_default(size=int(big * height))
         draw.text(
-            (c, cy), digit, font=font, anchor="mm", fill=(0, 0, 0, 255),
+            (c, c + offset * r), digit, font=font, anchor="mm", fill=(0, 0, 0, 255),
             stroke_width=max(2, big // 25), stroke_fill=(255, 255, 255, 255),
         )
     return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS))
@@ -563,9 +578,10 @@ def _distinct_objects(
 
 
 def _as_depth_list(depth: float | Sequence[float] | None) -> list[float]:
+    """``depth`` argument of ``make_sample`` as a (possibly empty) list of percents."""
     if depth is None:
         return []
-    if isinstance(depth, (int, float)):
+    if np.isscalar(depth):
         return [float(depth)]
     return [float(d) for d in depth]
 
@@ -779,14 +795,12 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float = 10.0, crf: in
     Prefers H.264 (``libx264``, quality ``crf``) and falls back to ``mpeg4``. H and W must be
     even (yuv420p). Every input frame becomes one stored frame, so a reader gets F frames back.
     """
-    f, h, w, c = frames.shape
+    _, h, w, c = frames.shape
     if c != 3 or frames.dtype != np.uint8 or h % 2 or w % 2:
-        raise ValueError(f"need uint8 [F, H, W, 3] with even H, W; got {frames.shape} {frames.dtype}")
+        raise ValueError(f"need uint8 [F, H, W, 3], even H and W; got {frames.shape} {frames.dtype}")
     import av  # local import: generation alone must not need PyAV
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    from fractions import Fraction
-
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -813,12 +827,8 @@ def to_conversation(sample: Sample, video: object, with_answer: bool = False) ->
 
     With ``with_answer`` an assistant turn holding the answer letter follows (for training).
     """
-    messages: list[dict] = [
-        {
-            "role": "user",
-            "content": [{"type": "video", "video": video}, {"type": "text", "text": sample.question}],
-        }
-    ]
+    content = [{"type": "video", "video": video}, {"type": "text", "text": sample.question}]
+    messages: list[dict] = [{"role": "user", "content": content}]
     if with_answer:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
     return messages

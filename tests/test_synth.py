@@ -69,7 +69,7 @@ def test_needle_changes_only_needle_frames_and_control_keeps_question(kind):
     for needle in with_needle.needles + with_needle.distractors:
         x0, y0, size = needle.box
         patch = with_needle.frames[needle.frames[0], y0 : y0 + size, x0 : x0 + size]
-        assert (chroma(patch) > 150).mean() > 0.15  # a large vivid object, not a dot
+        assert (chroma(patch) > 150).mean() > 0.12  # a large vivid object, not a dot
 
 
 def test_haystack_does_not_depend_on_question_kind():
