@@ -462,6 +462,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
         Returns:
             `last_hidden_state` `[batch, n, hidden]` at `output_columns`, and the `cache` with the kept memory.
         """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
         cache = cache if cache is not None else BeaconCache(len(self.layers))
         visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
@@ -547,8 +549,12 @@ class VideoXLModel(VideoXLPreTrainedModel):
                     f" ({self.config.tokens_per_frame} tokens per frame or tile)"
                 )
             if num_frames:
-                if pixels.dim() < 4:
-                    raise ValueError(f"{name} must be [n, 3, H, W] or [videos, n, 3, H, W], got {tuple(pixels.shape)}")
+                size = self.config.vision_config.image_size
+                if pixels.dim() not in (4, 5) or tuple(pixels.shape[-3:]) != (3, size, size):
+                    raise ValueError(
+                        f"{name} must be [n, 3, {size}, {size}] or [videos, n, 3, {size}, {size}], "
+                        f"got {tuple(pixels.shape)}"
+                    )
                 inputs[token_id] = frames
         return inputs
 

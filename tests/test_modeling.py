@@ -241,6 +241,8 @@ def test_token_and_frame_counts_must_match():
         model(video_prompt(2), pixel_values_videos=random_frames(3))
     with pytest.raises(ValueError, match="0 frames/tiles"):
         model(video_prompt(2))
+    with pytest.raises(ValueError, match=r"must be \[n, 3, 112, 112\].*got \(1, 2, 3, 224, 224\)"):
+        model(video_prompt(2), pixel_values_videos=torch.zeros(1, 2, 3, 224, 224))
 
 
 # ---- training path ---------------------------------------------------------------------------------------------
