@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,37 +84,53 @@ def tiny_processor(tokenizer):
     )
 
 
-def training_sample(seed: int) -> dict:
-    """One video and its questions as a LLaVA-style sample: three attributes of one needle, or one ordering or
-    counting question. Videos span 1..12 windows, w windows with probability proportional to 1/w (about 4 on
-    average), so that a CPU epoch stays short while long memories are still trained."""
+def training_group(seed: int, progress: float, size: int) -> list[dict]:
+    """Up to `size` LLaVA-style samples with one frame count (so they batch together; `size // windows` of them),
+    each a video and its questions:
+    three attributes of one needle, or one ordering or counting question.
+
+    Answers name the option, then its letter ("red" newline "B"): reading the attribute off the memory and then
+    finding its letter among the options are two easy steps where the bare letter is one hard one; the needle
+    harness scores the letter. For the first 40% of training (`progress` < 0.4) videos are one window long and
+    questions are about one needle's attributes; then videos span 1 to 12 windows (w with probability
+    proportional to 1/w) and ordering and counting questions join in.
+    """
     rng = np.random.default_rng(seed)
-    windows = np.arange(1, MAX_WINDOWS + 1)
+    windows = np.arange(1, 2 if progress < 0.4 else MAX_WINDOWS + 1)
     num_windows = int(rng.choice(windows, p=(1 / windows) / (1 / windows).sum()))
     num_frames = num_windows * WINDOW_FRAMES - int(rng.integers(0, 3))  # >= 8: room for 4 counted needles
-    kind = rng.choice(["retrieval", "retrieval", "ordering", "counting"])
+    kinds = ["retrieval"] if progress < 0.4 else ["retrieval", "retrieval", "retrieval", "ordering", "counting"]
+    size = max(1, size // num_windows)  # about the same number of frames in every step
+    return [training_sample(seed * size + i, num_frames, str(rng.choice(kinds))) for i in range(size)]
+
+
+def training_sample(seed: int, num_frames: int, kind: str) -> dict:
+    rng = np.random.default_rng(seed)
     if kind == "retrieval":
         attributes = rng.permutation(RETRIEVAL_ATTRIBUTES)
         samples = [make_sample(seed, num_frames, "retrieval", attribute=a, digit_prob=0.0) for a in attributes]
     else:
-        samples = [make_sample(seed, num_frames, str(kind), digit_prob=0.0)]
+        samples = [make_sample(seed, num_frames, kind, digit_prob=0.0)]
     turns = []
     for sample in samples:
-        turns += [{"from": "human", "value": sample.question}, {"from": "gpt", "value": sample.answer}]
+        answer = f"{sample.answer_text}\n{sample.answer}"
+        turns += [{"from": "human", "value": sample.question}, {"from": "gpt", "value": answer}]
     return {"video": samples[0].frames, "conversations": turns}
 
 
-class NeedleDataset(torch.utils.data.Dataset):
-    """`length` synthetic samples, sample i from seed `offset + i`."""
+class NeedleDataset(torch.utils.data.IterableDataset):
+    """`length` groups of `group_size` synthetic samples, in order (the curriculum needs it): group i from seed
+    `offset + i`."""
 
-    def __init__(self, length: int, offset: int):
-        self.length, self.offset = length, offset
+    def __init__(self, length: int, offset: int, group_size: int):
+        self.length, self.offset, self.group_size = length, offset, group_size
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict:
-        return training_sample(self.offset + index)
+    def __iter__(self) -> Iterator[list[dict]]:
+        for index in range(self.length):
+            yield training_group(self.offset + index, index / self.length, self.group_size)
 
 
 def link_code_files(output: Path) -> None:
@@ -129,7 +146,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "demo" / "model")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--group-size", type=int, default=8, help="samples per step (one frame count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/videoxl_train_tiny"))
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --work-dir")
@@ -150,11 +168,11 @@ def main() -> None:
         per_device_train_batch_size=1,
         learning_rate=args.lr,
         lr_scheduler_type="cosine",
-        warmup_steps=min(200, args.steps // 10),
+        warmup_steps=min(100, args.steps // 10),
         weight_decay=0.0,
         logging_steps=50,
         save_strategy="steps",
-        save_steps=500,
+        save_steps=250,
         save_total_limit=1,
         report_to=[],
         remove_unused_columns=False,
@@ -163,8 +181,9 @@ def main() -> None:
         disable_tqdm=True,
     )
     collator = VideoXLCollator(processor, fps=1.0, video_fps=1.0)  # every generated frame, in order
-    dataset = NeedleDataset(args.steps, TRAIN_SEED_OFFSET + args.seed * args.steps)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
+    dataset = NeedleDataset(args.steps, TRAIN_SEED_OFFSET + args.seed * args.steps, args.group_size)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
+                      data_collator=lambda groups: collator(groups[0]))
     start = time.time()
     trainer.train(resume_from_checkpoint=args.resume)
     minutes = (time.time() - start) / 60
