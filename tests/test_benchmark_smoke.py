@@ -1,0 +1,68 @@
+"""Smoke test of benchmarks/prefill.py: the tiny preset end to end, through its command line."""
+
+import json
+import subprocess
+import sys
+
+from scripts.local_import import REPO_ROOT
+
+
+FIELDS = ("frames", "ratio", "prefill_s", "vision_s", "base_mb", "peak_mb", "kept", "decode_ms",
+          "device", "dtype", "attn", "size", "repeats")
+PREFIX, QUESTION, TOKENS_PER_FRAME, WINDOW = 14, 12, 16, 64  # the tiny preset: 16 tokens a frame, 4-frame windows
+
+
+def expected_kept(frames: int, ratio: int) -> int:
+    """S + sum_k floor(W_k / r) + Q; every visual token for the baseline (ratio 0)."""
+    visual = frames * TOKENS_PER_FRAME
+    if ratio == 0:
+        return PREFIX + visual + QUESTION
+    windows = [min(WINDOW, visual - start) for start in range(0, visual, WINDOW)]
+    return PREFIX + sum(w // ratio for w in windows) + QUESTION
+
+
+def test_tiny_run_writes_records(tmp_path):
+    out = tmp_path / "tiny.json"
+    png = tmp_path / "tiny.png"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "prefill.py"), "--size", "tiny", "--frames", "2,4",
+           "--ratios", "4", "--repeats", "1", "--decode-tokens", "2", "--threads", "1", "--timeout", "120",
+           "--json", str(out), "--png", str(png)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| frames | ratio |" in proc.stdout
+
+    records = json.loads(out.read_text())
+    assert sorted((r["frames"], r["ratio"]) for r in records) == [(2, 0), (2, 4), (4, 0), (4, 4)]
+    for record in records:
+        assert not record.get("skipped"), record
+        for field in FIELDS:
+            assert record[field] is not None, (field, record)
+        assert record["size"] == "tiny" and record["device"] == "cpu" and record["repeats"] == 1
+        assert record["kept"] == expected_kept(record["frames"], record["ratio"]), record
+        assert 0 < record["vision_s"] <= record["prefill_s"]
+        assert 0 < record["base_mb"] <= record["peak_mb"]
+        assert record["decode_ms"] > 0
+    # 4 frames = one full window of 64 tokens at r = 4: 16 VSTs kept instead of 64 visual tokens.
+    kept = {(r["frames"], r["ratio"]): r["kept"] for r in records}
+    assert kept[(4, 4)] == 14 + 16 + 12 and kept[(4, 0)] == 14 + 64 + 12 and kept[(2, 4)] == 14 + 8 + 12
+    assert png.stat().st_size > 0
+
+
+def test_baseline_is_the_same_language_model():
+    """The uncompressed baseline shares the Video-XL tensors and computes the same function where nothing is
+    compressed (a text-only prompt)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("prefill_bench", REPO_ROOT / "benchmarks" / "prefill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.build_model("tiny", torch.device("cpu"), torch.float32, "sdpa")
+    lm = bench.build_baseline_lm(model)
+    assert lm.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    assert lm.model.layers[1].mlp.up_proj.weight.data_ptr() == model.model.layers[1].mlp.up_proj.weight.data_ptr()
+    ids = torch.randint(10, 900, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert bench.expected_kept(model.config, 6, 4) == 14 + 16 + 8 + 12  # windows of 64 and 32 tokens
