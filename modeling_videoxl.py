@@ -8,7 +8,7 @@ The compression path reads top to bottom in [`VideoXLModel.forward`]:
 plan steps -> embed a step (encode its frames) -> run the layers -> keep what the keep rule keeps.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch

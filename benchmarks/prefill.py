@@ -338,7 +338,6 @@ class Runner:
 
     def decode(self, logits, cache, steps: int) -> float:
         """Greedy decode `steps` tokens one at a time against `cache`; milliseconds per token."""
-        torch = self.torch
         next_ids = logits[:, -1:].argmax(-1)
         start = self.clock()
         for _ in range(steps):

@@ -11,7 +11,6 @@ carries what was seen. Samples are generated on the fly from seeds; evaluation s
 """
 
 import argparse
-import math
 import os
 import shutil
 import time

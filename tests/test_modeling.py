@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from transformers.testing_utils import CaptureLogger
 
 from scripts.local_import import REPO_ROOT, BeaconCache, VideoXLConfig, VideoXLForCausalLM, modeling
@@ -381,3 +381,20 @@ def test_missing_vst_weights_start_as_copies_with_a_warning(tmp_path):
     assert attn.beacon_q_proj.weight.data_ptr() != attn.q_proj.weight.data_ptr()
     torch.testing.assert_close(loaded.model.beacon_embed_tokens.weight[0], loaded.model.embed_tokens.weight[EOS_ID])
     torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_one_encoded_video_answers_several_questions_from_copies_of_its_cache():
+    import copy
+
+    model = tiny_model()
+    frames = 6
+    video = video_prompt(frames, suffix=())
+    pixels = random_frames(frames)
+    cache = BeaconCache(2)
+    with torch.no_grad():
+        model(video, pixel_values_videos=pixels, cache=cache)
+        for question in ([13, 14, 15], [40, 41]):
+            answer = model(torch.tensor([question]), cache=copy.deepcopy(cache)).logits
+            whole = logits_of(model, torch.cat([video, torch.tensor([question])], dim=1), pixel_values_videos=pixels)
+            torch.testing.assert_close(answer, whole[:, -len(question):], atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == 4 + frames * TOKENS_PER_FRAME // 4
