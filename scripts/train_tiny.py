@@ -121,15 +121,17 @@ class NeedleDataset(torch.utils.data.IterableDataset):
     """`length` groups of `group_size` synthetic samples, in order (the curriculum needs it): group i from seed
     `offset + i`."""
 
-    def __init__(self, length: int, offset: int, group_size: int):
+    def __init__(self, length: int, offset: int, group_size: int, start_progress: float = 0.0):
         self.length, self.offset, self.group_size = length, offset, group_size
+        self.start_progress = start_progress
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[list[dict]]:
         for index in range(self.length):
-            yield training_group(self.offset + index, index / self.length, self.group_size)
+            progress = self.start_progress + (1 - self.start_progress) * index / self.length
+            yield training_group(self.offset + index, progress, self.group_size)
 
 
 def link_code_files(output: Path) -> None:
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/videoxl_train_tiny"))
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --work-dir")
+    parser.add_argument("--init", type=Path, help="start from this model's weights (e.g. demo/model) instead of random")
+    parser.add_argument("--start-progress", type=float, default=0.0,
+                        help="skip the curriculum up to this point (0.4: long videos and every kind from the start)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -157,7 +162,7 @@ def main() -> None:
     processor = tiny_processor(tokenizer)
     config = tiny_config(tokenizer)
     config._attn_implementation = "sdpa"
-    model = VideoXLForCausalLM(config)
+    model = VideoXLForCausalLM.from_pretrained(args.init) if args.init else VideoXLForCausalLM(config)
     model.seed_compression_ratios(args.seed)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
 
@@ -180,7 +185,8 @@ def main() -> None:
         disable_tqdm=True,
     )
     collator = VideoXLCollator(processor, fps=1.0, video_fps=1.0)  # every generated frame, in order
-    dataset = NeedleDataset(args.steps, TRAIN_SEED_OFFSET + args.seed * args.steps, args.group_size)
+    dataset = NeedleDataset(args.steps, TRAIN_SEED_OFFSET + args.seed * args.steps, args.group_size,
+                            args.start_progress)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
                       data_collator=lambda groups: collator(groups[0]))
     start = time.time()

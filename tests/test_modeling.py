@@ -339,6 +339,7 @@ LOAD_AND_RUN = """
 import sys, torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 path, out = sys.argv[1], sys.argv[2]
+torch.set_num_threads(int(sys.argv[3]))  # the parent's: the same reduction order, so bit-identical logits
 ids = torch.load(out + ".in.pt")
 results = []
 for auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
@@ -359,7 +360,8 @@ def test_save_and_load_in_a_fresh_offline_process(tmp_path):
     script = tmp_path / "load.py"
     script.write_text(LOAD_AND_RUN)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "out.pt")],
+    subprocess.run([sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "out.pt"),
+                    str(torch.get_num_threads())],
                    check=True, env=env, cwd=tmp_path)
     for logits in torch.load(tmp_path / "out.pt"):
         torch.testing.assert_close(logits, expected, atol=0, rtol=0)
