@@ -28,6 +28,7 @@ from scripts.local_import import REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, p
 
 FRAME_SIZE, PATCH, TOKENS_PER_FRAME, WINDOW_FRAMES = 224, 28, 16, 10
 MAX_WINDOWS = 12
+TINY_PINPOINTS = [[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 2) if a * b > 1]  # images of up to 2x2 tiles
 TRAIN_RATIOS = [2, 4, 8, 16]
 RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")
 TRAIN_SEED_OFFSET = 1_000_000  # evaluation uses seeds below this
@@ -67,7 +68,7 @@ def tiny_config(tokenizer) -> VideoXLConfig:
         beacon_window=WINDOW_FRAMES * TOKENS_PER_FRAME,
         beacon_ratio=16,
         beacon_train_ratios=TRAIN_RATIOS,
-        image_grid_pinpoints=[[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 2) if a * b > 1],
+        image_grid_pinpoints=TINY_PINPOINTS,
     )
 
 
@@ -79,7 +80,7 @@ def tiny_processor(tokenizer):
         num_image_tokens=TOKENS_PER_FRAME,
         image_size=FRAME_SIZE,
         num_frames=WINDOW_FRAMES * 10,
-        image_grid_pinpoints=[[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 2) if a * b > 1],
+        image_grid_pinpoints=TINY_PINPOINTS,
     )
 
 
