@@ -17,9 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from configuration_videoxl import CLIP_L_336, VideoXLConfig  # noqa: E402
+from scripts.local_import import CODE_FILES  # noqa: E402
 
 
-CODE_FILES = ("configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py", "processing_videoxl.py")
 QWEN2_FIELDS = (
     "vocab_size",
     "hidden_size",

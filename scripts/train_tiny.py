@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 from demo.build_tiny_tokenizer import build_tiny_tokenizer
 from demo.synth import make_sample
 from scripts.collator import VideoXLCollator
-from scripts.local_import import REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, processing
+from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, processing
 
 FRAME_SIZE, PATCH, TOKENS_PER_FRAME, WINDOW_FRAMES = 224, 28, 16, 10
 MAX_WINDOWS = 12
@@ -32,7 +32,6 @@ TINY_PINPOINTS = [[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 
 TRAIN_RATIOS = [2, 4, 8, 16]
 RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")
 TRAIN_SEED_OFFSET = 1_000_000  # evaluation uses seeds below this
-CODE_FILES = ("configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py", "processing_videoxl.py")
 
 
 def tiny_config(tokenizer) -> VideoXLConfig:

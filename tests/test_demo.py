@@ -8,7 +8,7 @@ import pytest
 from demo.qa import answer_letter, ask, load
 from demo.run import BUNDLED_MODEL
 from demo.synth import make_sample
-from scripts.local_import import REPO_ROOT
+from scripts.local_import import CODE_FILES, REPO_ROOT
 
 FRESH_SEED = 777  # never used in training (training seeds start at 1,000,000)
 
@@ -19,7 +19,7 @@ def tiny():
 
 
 def test_shipped_model_loads_offline_with_the_repos_code():
-    for name in ("configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py", "processing_videoxl.py"):
+    for name in CODE_FILES:
         assert (BUNDLED_MODEL / name).resolve() == (REPO_ROOT / name).resolve(), f"{name} must link to the repo's"
     size = sum(path.stat().st_size for path in BUNDLED_MODEL.iterdir() if path.is_file() and not path.is_symlink())
     assert size < 25e6
