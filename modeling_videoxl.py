@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AutoModel
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
@@ -24,6 +25,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
     eager_attention_forward,
+    repeat_kv,
     rotate_half,
 )
 from transformers.utils import logging
@@ -35,6 +37,52 @@ from .configuration_videoxl import VideoXLConfig
 logger = logging.get_logger(__name__)
 
 VISUAL_INPUT_NAMES = ("pixel_values_videos", "pixel_values", "image_sizes")
+
+
+def memory_causal_attention(
+    query: torch.Tensor,
+    memory: tuple[torch.Tensor, torch.Tensor] | None,
+    step: tuple[torch.Tensor, torch.Tensor],
+    groups: int,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """SDPA of a step's `rows` queries over `[memory ; step]`: the whole memory visible, causal over the step,
+    nothing padded. `query` `[batch, heads, rows, head_dim]`; `memory` and `step` are (keys, values)
+    `[batch, kv_heads, kept or rows, head_dim]`. Returns `[batch, rows, heads, head_dim]`.
+
+    Neither the `[rows, kept + rows]` mask nor `[memory ; step]` is built where a kernel can avoid it: on CPU
+    without autograd the memory and the step are two flash calls merged by their log-sum-exp (the flash op's
+    log-sum-exp has no gradient, so training takes the general path). Elsewhere SDPA gets a lower-right causal
+    bias (flash / memory-efficient kernels on CUDA).
+    """
+    step_keys, step_values = step
+    rows = query.shape[2]
+    flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    no_grad = not (torch.is_grad_enabled() and query.requires_grad)
+    if memory is not None and query.device.type == "cpu" and flash_cpu is not None and no_grad and dropout == 0.0:
+        step_out, step_lse = flash_cpu(
+            query, repeat_kv(step_keys, groups), repeat_kv(step_values, groups), 0.0, rows > 1, scale=scaling
+        )
+        # The query heads of a KV group stacked as rows of one head: the memory is read once, not once per head.
+        batch, heads, _, head_dim = query.shape
+        stacked = query.reshape(batch, heads // groups, groups * rows, head_dim)
+        memory_out, memory_lse = flash_cpu(stacked, *memory, 0.0, False, scale=scaling)
+        memory_out, memory_lse = memory_out.reshape(query.shape), memory_lse.reshape(batch, heads, rows)
+        lse = torch.logaddexp(memory_lse, step_lse)
+        memory_weight = (memory_lse - lse).exp().unsqueeze(-1).to(query.dtype)
+        step_weight = (step_lse - lse).exp().unsqueeze(-1).to(query.dtype)
+        return (memory_out * memory_weight + step_out * step_weight).transpose(1, 2)
+    keys = step_keys if memory is None else torch.cat([memory[0], step_keys], dim=2)
+    values = step_values if memory is None else torch.cat([memory[1], step_values], dim=2)
+    if rows == 1 or memory is None:  # one new row sees everything; with no memory this is plain causal attention
+        bias = {"is_causal": rows > 1}
+    else:
+        bias = {"attn_mask": causal_lower_right(rows, keys.shape[2])}
+    out = nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(keys, groups), repeat_kv(values, groups), dropout_p=dropout, scale=scaling, **bias
+    )
+    return out.transpose(1, 2)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,15 +149,16 @@ def check_ratio(ratio: int, config: VideoXLConfig) -> int:
 
 def visual_runs(token_row: torch.Tensor, visual_ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """Maximal runs `(start, end, token_id)` of one visual token id in a 1-D row of ids."""
-    row = token_row.tolist()
-    runs, start = [], None
-    for i, tok in enumerate(row + [None]):
-        if start is not None and tok != row[start]:
-            runs.append((start, i, row[start]))
-            start = None
-        if start is None and tok in visual_ids:
-            start = i
-    return runs
+    length = token_row.shape[0]
+    if length == 0:
+        return []
+    new_run = torch.ones(length, dtype=torch.bool, device=token_row.device)
+    new_run[1:] = token_row[1:] != token_row[:-1]
+    run_starts = new_run.nonzero().flatten()
+    run_ends = torch.cat([run_starts[1:], run_starts.new_tensor([length])])
+    visual = torch.isin(token_row[run_starts], torch.tensor(visual_ids, device=token_row.device))
+    starts, ends = run_starts[visual].tolist(), run_ends[visual].tolist()
+    return list(zip(starts, ends, token_row[run_starts[visual]].tolist()))
 
 
 def plan_steps(
@@ -205,21 +254,27 @@ class VideoXLAttention(nn.Module):
 
         cos, sin = position_embeddings
         query, rotated_key = rotate(query, cos, sin), rotate(key, cos, sin)
-        keys = rotated_key if past_keys is None else torch.cat([past_keys, rotated_key], dim=2)
-        values = value if past_values is None else torch.cat([past_values, value], dim=2)
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, _ = attention_interface(
-            self,
-            query,
-            keys,
-            values,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-        )
+        dropout = self.attention_dropout if self.training else 0.0
+        if attention_mask is None and self.config._attn_implementation == "sdpa":  # see VideoXLModel.step_mask
+            memory = None if past_keys is None else (past_keys, past_values)
+            output = memory_causal_attention(
+                query, memory, (rotated_key, value), self.num_key_value_groups, self.scaling, dropout
+            )
+        else:
+            keys = rotated_key if past_keys is None else torch.cat([past_keys, rotated_key], dim=2)
+            values = value if past_values is None else torch.cat([past_values, value], dim=2)
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            output, _ = attention_interface(
+                self,
+                query,
+                keys,
+                values,
+                attention_mask,
+                dropout=dropout,
+                scaling=self.scaling,
+            )
         output = self.o_proj(output.reshape(*hidden_states.shape[:2], -1).contiguous())
 
         if vst_rows is None:
@@ -275,9 +330,18 @@ class VideoXLVisionTower(nn.Module):
         self.feature_layer = feature_layer
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`pixel_values` `[n, 3, H, W]` -> patch features `[n, patches, vision_hidden]` (CLS dropped)."""
-        outputs = self.vision_tower.vision_model(pixel_values, output_hidden_states=True)
-        return outputs.hidden_states[self.feature_layer][:, 1:]
+        """`pixel_values` `[n, 3, H, W]` -> patch features `[n, patches, vision_hidden]` (CLS dropped).
+
+        The features are `hidden_states[feature_layer]` of the CLIP encoder; the layers after it are not run, and
+        no other layer's states are held.
+        """
+        clip = self.vision_tower.vision_model
+        layers = clip.encoder.layers
+        last = self.feature_layer % (len(layers) + 1)  # hidden_states[0] is the embeddings, [i] layer i's output
+        hidden_states = clip.pre_layrnorm(clip.embeddings(pixel_values))
+        for layer in layers[:last]:
+            hidden_states = layer(hidden_states, None)
+        return hidden_states[:, 1:]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,13 +402,16 @@ class VideoXLModel(VideoXLPreTrainedModel):
 
     def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector -> pool."""
-        features = self.vision_tower(pixel_values.to(self.mm_projector[0].weight.dtype))
-        features = self.mm_projector(features)
+        first, activation, second = self.mm_projector
+        # Per window onto the tower's device: a long video's pixels can stay in host memory.
+        features = self.vision_tower(pixel_values.to(device=first.weight.device, dtype=first.weight.dtype))
+        features = activation(first(features))
         n, patches, dim = features.shape
         side = int(patches**0.5)
         grid = features.view(n, side, side, dim).permute(0, 3, 1, 2)
         pooled = nn.functional.avg_pool2d(grid, self.config.spatial_pool_stride)
-        return pooled.flatten(2).transpose(1, 2)
+        # An average commutes with an affine map, so the projector's second linear runs on the pooled rows only.
+        return second(pooled.flatten(2).transpose(1, 2))
 
     def window_features(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
         """LLM inputs `[batch, window_tokens, hidden]` for one window. Only this window's frames go through CLIP.
@@ -381,12 +448,13 @@ class VideoXLModel(VideoXLPreTrainedModel):
         """Additive mask `[batch, 1, rows, kept + rows]`: all valid memory, then causal over the step.
 
         Every row sees itself so that a padding row's softmax stays finite; no other row attends to padding.
-        Returns None where nothing needs masking (a single row and no padding).
+        Returns None where nothing is padded and the attention builds that pattern itself: a single row, flash-attn,
+        and sdpa (`memory_causal_attention`), so the mask, which grows with the memory, is never materialised.
         """
         rows = row_valid.shape[1]
         kept = 0 if key_mask is None else key_mask.shape[1]
         key_valid = row_valid if key_mask is None else torch.cat([key_mask.bool(), row_valid], dim=1)
-        if rows == 1 and key_valid.all():
+        if key_valid.all() and (rows == 1 or self.config._attn_implementation == "sdpa"):
             return None
         if self.config._attn_implementation == "flash_attention_2":
             if not key_valid.all():
@@ -562,7 +630,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
 class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     """Video-XL with a language-model head: `generate` on videos, images and text; `labels` for training."""
 
-    _tied_weights_keys = {}
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # tied only if the config says so
 
     def __init__(self, config: VideoXLConfig):
         super().__init__(config)

@@ -57,7 +57,12 @@ def ask(
     return Answer(text.strip(), visual // model.config.tokens_per_frame, visual, kept, time.time() - start)
 
 
-def answer_letter(text: str) -> str | None:
-    """The option letter a free-form answer names (the first standalone A-D), as the needle test scores it."""
+def answer_letter(text: str, question: str | None = None) -> str | None:
+    """The option letter a free-form answer names, as the needle test scores it: the first standalone A-D; failing
+    that, the letter of the option (an "A. ..." line of `question`) whose text the answer is."""
     match = re.search(r"\b([A-D])\b", text)
-    return match.group(1) if match else None
+    if match:
+        return match.group(1)
+    options = dict(re.findall(r"^([A-D])\. (.+)$", question or "", flags=re.MULTILINE))
+    said = " ".join(text.lower().split()).strip(" .")
+    return next((letter for letter, option in options.items() if option.strip().lower() == said), None)

@@ -3,7 +3,8 @@
 Synthetic (the tiny model; any model can take it):
 
     python -m scripts.needle_eval --model demo/model --frames 10,40,100 --depths 0,25,50,75,100 --ratio 16 \
-        --samples 20 --seed 0 --json out.json --png out.png [--kind retrieval|ordering|counting] [--no-needle]
+        --samples 20 --seed 0 --json out.json --png out.png [--kind retrieval|ordering|counting] [--no-needle] \
+        [--attributes colour,shape,position,digit]
 
 The original's protocol (real models): a haystack video, needle images and their questions; each needle is
 inserted as one extra frame at each depth among `frames - 1` uniformly sampled haystack frames:
@@ -34,7 +35,7 @@ def parse_list(text: str, kind=int) -> list:
 
 def synthetic_trials(args) -> Iterator[tuple[int, float, object, str, str]]:
     """(frames, depth, video, question, answer) for the synthetic task. Seeds stay below the training range."""
-    attributes = [a for a in ATTRIBUTES if a != "digit"] if args.no_digits else list(ATTRIBUTES)
+    attributes = args.attributes
     for frames in args.frames:
         for depth in args.depths:
             for i in range(args.samples):
@@ -42,7 +43,7 @@ def synthetic_trials(args) -> Iterator[tuple[int, float, object, str, str]]:
                 attribute = attributes[i % len(attributes)] if args.kind == "retrieval" else None
                 sample = make_sample(
                     seed, frames, args.kind, depth=depth, needle=not args.no_needle,
-                    attribute=attribute, digit_prob=0.0 if args.no_digits else 0.5,
+                    attribute=attribute, digit_prob=0.5 if "digit" in attributes else 0.0,
                 )
                 yield frames, depth, sample.frames, sample.question, sample.answer
 
@@ -94,7 +95,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", default="retrieval", choices=["retrieval", "ordering", "counting"])
     parser.add_argument("--no-needle", action="store_true", help="control: the same questions, no needle shown")
-    parser.add_argument("--no-digits", action="store_true", help="no digit questions (the tiny model's setting)")
+    parser.add_argument("--attributes", type=lambda t: parse_list(t, str), default=list(ATTRIBUTES),
+                        help=f"retrieval questions cycle through these (of {','.join(ATTRIBUTES)}); needles carry a "
+                             "digit only when digits are asked about")
     parser.add_argument("--haystack", help="a haystack video file (the original's protocol)")
     parser.add_argument("--needles", help="JSON list of needle images and questions (with --haystack)")
     parser.add_argument("--json", type=Path)
@@ -108,7 +111,7 @@ def main() -> None:
     for frames, depth, video, question, answer in tqdm(trials, total=total, desc="needle"):
         sampling = {"num_frames": frames} if args.haystack else {"fps": 1.0, "video_fps": 1.0}
         reply = ask(model, processor, video, question, ratio=args.ratio, max_new_tokens=4, **sampling)
-        hit = answer_letter(reply.text) == answer
+        hit = answer_letter(reply.text, question) == answer
         correct.setdefault((frames, depth), []).append(hit)
         results.append({"frames": frames, "depth": depth, "answer": answer, "reply": reply.text, "correct": hit})
 

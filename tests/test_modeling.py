@@ -131,6 +131,41 @@ def test_sdpa_equals_eager():
     assert sdpa.generate(ids, **kwargs).tolist() == eager.generate(ids, **kwargs).tolist()
 
 
+def test_sdpa_gradients_equal_eager_gradients():
+    """Training takes sdpa's masked path (the flash op's log-sum-exp used without autograd has no gradient)."""
+    grads = {}
+    for attn in ("eager", "sdpa"):
+        model = tiny_model(attn_implementation=attn)
+        model.train()
+        ids = video_prompt(10)
+        labels = torch.full_like(ids, -100)
+        labels[0, -3:] = ids[0, -3:]
+        model(ids, pixel_values_videos=random_frames(10), labels=labels, compression_ratio=4).loss.backward()
+        grads[attn] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["sdpa"].keys() == grads["eager"].keys()
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads["sdpa"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("rows, kept", [(1, 7), (5, 0), (6, 11), (16, 40)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_mask_free_attention_equals_masked_attention(rows, kept, grad):
+    """Memory fully visible, causal over the step, grouped KV heads: against an explicit mask, with and without
+    autograd (two different kernels on CPU)."""
+    generator = torch.Generator().manual_seed(rows + kept)
+    query = torch.randn(2, 4, rows, 8, generator=generator)
+    keys, values = (torch.randn(2, 2, kept + rows, 8, generator=generator) for _ in range(2))
+    allowed = torch.cat([torch.ones(rows, kept, dtype=torch.bool), torch.ones(rows, rows, dtype=torch.bool).tril()], 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, keys.repeat_interleave(2, dim=1), values.repeat_interleave(2, dim=1), attn_mask=allowed, scale=0.3
+    ).transpose(1, 2)
+    with torch.set_grad_enabled(grad):
+        memory = (keys[:, :, :kept], values[:, :, :kept]) if kept else None
+        step = (keys[:, :, kept:], values[:, :, kept:])
+        got = modeling.memory_causal_attention(query.requires_grad_(grad), memory, step, groups=2, scaling=0.3)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_half_precision_masks_do_not_overflow(dtype, attn):
