@@ -58,6 +58,8 @@ def memory_causal_attention(
     """
     step_keys, step_values = step
     rows = query.shape[2]
+    # A private ATen op (the CPU flash kernel behind SDPA, which also returns the log-sum-exp); where a torch build
+    # lacks it, the general path below runs.
     flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     no_grad = not (torch.is_grad_enabled() and query.requires_grad)
     if memory is not None and query.device.type == "cpu" and flash_cpu is not None and no_grad and dropout == 0.0:

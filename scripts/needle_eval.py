@@ -35,15 +35,14 @@ def parse_list(text: str, kind=int) -> list:
 
 def synthetic_trials(args) -> Iterator[tuple[int, float, object, str, str]]:
     """(frames, depth, video, question, answer) for the synthetic task. Seeds stay below the training range."""
-    attributes = args.attributes
     for frames in args.frames:
         for depth in args.depths:
             for i in range(args.samples):
                 seed = (args.seed * 1000 + frames) * 1000 + int(depth) * 10 + i % 10 + (i // 10) * 100_000
-                attribute = attributes[i % len(attributes)] if args.kind == "retrieval" else None
+                attribute = args.attributes[i % len(args.attributes)] if args.kind == "retrieval" else None
                 sample = make_sample(
                     seed, frames, args.kind, depth=depth, needle=not args.no_needle,
-                    attribute=attribute, digit_prob=0.5 if "digit" in attributes else 0.0,
+                    attribute=attribute, digit_prob=0.5 if "digit" in args.attributes else 0.0,
                 )
                 yield frames, depth, sample.frames, sample.question, sample.answer
 
@@ -103,6 +102,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
+    if unknown := set(args.attributes) - set(ATTRIBUTES):
+        parser.error(f"--attributes: unknown {sorted(unknown)}; expected some of {','.join(ATTRIBUTES)}")
 
     model, processor = load(args.model)
     trials = haystack_trials(args) if args.haystack else synthetic_trials(args)

@@ -132,7 +132,7 @@ def test_sdpa_equals_eager():
 
 
 def test_sdpa_gradients_equal_eager_gradients():
-    """Training takes sdpa's masked path (the flash op's log-sum-exp used without autograd has no gradient)."""
+    """Training must not take the CPU log-sum-exp merge: the flash op's log-sum-exp output has no gradient."""
     grads = {}
     for attn in ("eager", "sdpa"):
         model = tiny_model(attn_implementation=attn)
