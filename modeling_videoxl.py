@@ -14,12 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
-from transformers import AutoModel
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
     Qwen2RMSNorm,
@@ -31,6 +29,17 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from transformers.utils import logging
 
 from .beacon_cache import BeaconCache
+from .compat_videoxl import (
+    ALL_ATTENTION_FUNCTIONS,
+    CACHE_NAME,
+    ActivationCheckpointingNames,
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    cache_field,
+    clip_with_vision_model_level,
+    rename_cache_kwarg,
+    take_cache,
+)
 from .configuration_videoxl import VideoXLConfig
 
 
@@ -327,8 +336,7 @@ class VideoXLVisionTower(nn.Module):
 
     def __init__(self, vision_config, feature_layer: int):
         super().__init__()
-        self.vision_tower = nn.Module()
-        self.vision_tower.vision_model = AutoModel.from_config(vision_config)
+        self.vision_tower = clip_with_vision_model_level(vision_config)
         self.feature_layer = feature_layer
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -351,7 +359,7 @@ class VideoXLVisionTower(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class VideoXLPreTrainedModel(PreTrainedModel):
+class VideoXLPreTrainedModel(ActivationCheckpointingNames, PreTrainedModel):
     config_class = VideoXLConfig
     config: VideoXLConfig
     base_model_prefix = "model"
@@ -557,7 +565,9 @@ class VideoXLModel(VideoXLPreTrainedModel):
             if wanted.numel():
                 outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
         cache.seen_tokens += length
-        return BaseModelOutputWithPast(last_hidden_state=torch.cat(outputs, dim=1) if outputs else None, cache=cache)
+        return BaseModelOutputWithPast(
+            last_hidden_state=torch.cat(outputs, dim=1) if outputs else None, **cache_field(cache)
+        )
 
     # ---- input handling ----------------------------------------------------------------------------------------
 
@@ -681,6 +691,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             compression_ratio: one VST after every `compression_ratio` visual tokens in every window.
             logits_to_keep: int k = the last k columns (0 = all); or a 1-D tensor of columns.
         """
+        cache = take_cache(cache, kwargs)
         if labels is not None:
             shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
             columns = (shift_labels != -100).any(dim=0).nonzero().squeeze(1)
@@ -715,24 +726,25 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
                     **kwargs,
                 )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache if use_cache is not False else None
+            loss=loss, logits=logits, **cache_field(outputs.cache if use_cache is not False else None)
         )
 
     # ---- generation --------------------------------------------------------------------------------------------
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-            model_kwargs["cache"] = BeaconCache(self.config.text_config.num_hidden_layers)
+        rename_cache_kwarg(model_kwargs)
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = BeaconCache(self.config.text_config.num_hidden_layers)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        cache: BeaconCache | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
         """Feed only the columns the cache has not absorbed; pixels only while visual tokens are among them."""
+        cache = kwargs.pop(CACHE_NAME, None)
         seen = cache.seen_tokens if isinstance(cache, BeaconCache) else 0
         model_inputs = {"input_ids": input_ids[:, seen:], "cache": cache, "attention_mask": attention_mask}
         for key, value in kwargs.items():

@@ -1,0 +1,187 @@
+"""What moved between the transformers 5.x releases this remote code supports, in one place.
+
+The model, config and scripts import the moving parts from here; nothing else checks versions. Each adapter is chosen
+by looking for the feature itself (a field, a method, a module attribute), not by comparing version numbers, so a
+patch release that back-ports a change is handled too. The version is read only by the guard below.
+
+| what                          | before                              | from                                  |
+|-------------------------------|-------------------------------------|---------------------------------------|
+| cache argument / output field | `past_key_values`                   | `cache` (5.24)                        |
+| `CLIPVisionModel` parameters  | under a `vision_model.` level       | no `vision_model.` level (5.6)        |
+| attention lookup              | `ALL_ATTENTION_FUNCTIONS[name]`     | `.get_interface(name, default)` (5.1) |
+| activation checkpointing      | `gradient_checkpointing_enable()`,  | `activation_checkpointing_enable()`,  |
+|                               | `TrainingArguments(gradient_...)`   | `TrainingArguments(activation_...)`   |
+|                               |                                     | (5.23)                                |
+
+Configs became dataclasses (5.4) with `SubConfigSpec` sub-config declarations (5.20); the config here uses the
+`__init__` form that every 5.x release accepts for remote code, so it needs nothing from this file.
+"""
+
+import transformers
+from packaging.version import Version
+
+
+SUPPORTED_RANGE = ">=5.0.0,<6"
+NEWEST_TESTED = "5.24.0"  # `make test` runs the newest; `make test-oldest` runs 5.0.0
+
+
+def check_transformers_version(installed: str | None = None) -> None:
+    """Raise one `ImportError` naming the supported range when `installed` (default: the imported transformers'
+    `__version__`, read at call time) is outside it."""
+    installed = transformers.__version__ if installed is None else installed
+    if not Version("5.0.0") <= Version(installed) < Version("6.0.0"):
+        raise ImportError(
+            f"Video-XL's remote code supports transformers{SUPPORTED_RANGE} (tested 5.0.0 to {NEWEST_TESTED}), but "
+            f"transformers {installed} is installed: pip install 'transformers{SUPPORTED_RANGE}'"
+        )
+
+
+# Runs before anything below imports from transformers, so that an unsupported version fails here and not on a name
+# that moved.
+check_transformers_version()
+
+import dataclasses  # noqa: E402
+
+from torch import nn  # noqa: E402
+from transformers import AutoModel, TrainingArguments  # noqa: E402
+from transformers import modeling_outputs as _outputs  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.modeling_utils import PreTrainedModel  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The cache's name
+# --------------------------------------------------------------------------------------------------------------------
+
+# The name under which this transformers passes the cache to `forward` / `prepare_inputs_for_generation` and reads it
+# back from model outputs.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(_outputs.BaseModelOutputWithPast)} else (
+    "past_key_values"
+)
+_OTHER_CACHE_NAME = "past_key_values" if CACHE_NAME == "cache" else "cache"
+
+
+def take_cache(cache, kwargs: dict):
+    """The cache a caller passed under either name: `cache` (the parameter) or `past_key_values` (popped from the
+    forward's `kwargs`). Giving both is an error."""
+    other = kwargs.pop("past_key_values", None)
+    if other is not None and cache is not None:
+        raise ValueError("Pass the cache once: as `cache=` or as `past_key_values=`, not both.")
+    return other if cache is None else cache
+
+
+def rename_cache_kwarg(model_kwargs: dict) -> None:
+    """Move a cache given under the name this transformers does not use to `CACHE_NAME`, in place (for `generate`,
+    whose cache handling looks only at its own name)."""
+    given = model_kwargs.pop(_OTHER_CACHE_NAME, None)
+    if given is not None:
+        if model_kwargs.get(CACHE_NAME) is not None:
+            raise ValueError("Pass the cache once: as `cache=` or as `past_key_values=`, not both.")
+        model_kwargs[CACHE_NAME] = given
+
+
+def cache_field(cache) -> dict:
+    """`{CACHE_NAME: cache}`: the keyword that puts `cache` into a model output of this transformers."""
+    return {CACHE_NAME: cache}
+
+
+def cache_of(output):
+    """The cache held by any model or `generate` output, whichever name this transformers gives it."""
+    return getattr(output, CACHE_NAME)
+
+
+def _with_cache_alias(output_class: type) -> type:
+    """`output_class`, readable as `.cache` too where its field is still `past_key_values` (5.24's outputs read
+    both names)."""
+    if CACHE_NAME == "cache":
+        return output_class
+    aliased = dataclasses.dataclass(type(output_class.__name__, (output_class,), {"__module__": __name__}))
+    aliased.cache = property(lambda self: self.past_key_values, doc="The same object as `past_key_values`.")
+    return aliased
+
+
+BaseModelOutputWithPast = _with_cache_alias(_outputs.BaseModelOutputWithPast)
+CausalLMOutputWithPast = _with_cache_alias(_outputs.CausalLMOutputWithPast)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention implementations
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _AttentionFunctionsWithLookup:
+    """5.0's attention registry with the `get_interface(implementation, default)` lookup that 5.1 added."""
+
+    def get_interface(self, attn_implementation: str | None, default):
+        if attn_implementation in (None, "eager"):
+            return default
+        return _ATTENTION_FUNCTIONS[attn_implementation]
+
+
+# Call it as `ALL_ATTENTION_FUNCTIONS.get_interface(...)`: from 5.1 the library finds that text in a model's source to
+# allow `set_attn_implementation` (5.0 looks for a lookup by index instead, so switching after loading stays off there).
+ALL_ATTENTION_FUNCTIONS = (
+    _ATTENTION_FUNCTIONS if hasattr(_ATTENTION_FUNCTIONS, "get_interface") else _AttentionFunctionsWithLookup()
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLIP vision tower layout
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def clip_with_vision_model_level(vision_config) -> nn.Module:
+    """The library's CLIP vision model under a module whose `.vision_model` has `embeddings`, `pre_layrnorm` and
+    `encoder`, so that parameter names are `vision_model.*` on every release (as in the released checkpoint).
+
+    Before 5.6 `CLIPVisionModel` had that level itself; from 5.6 it is the level, so it is wrapped in one.
+    """
+    clip = AutoModel.from_config(vision_config)
+    if hasattr(clip, "vision_model"):
+        return clip
+    holder = nn.Module()
+    holder.vision_model = clip
+    return holder
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Activation (gradient) checkpointing names
+# --------------------------------------------------------------------------------------------------------------------
+
+_ACTIVATION_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+
+
+class ActivationCheckpointingNames:
+    """Mixin for a `PreTrainedModel`: `activation_checkpointing_enable/disable` on releases that only name it
+    `gradient_checkpointing_enable/disable` (before 5.23). Empty where the library has both."""
+
+    if not _ACTIVATION_NAMES:
+
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+        def activation_checkpointing_disable(self) -> None:
+            self.gradient_checkpointing_disable()
+
+
+def checkpointing_training_arguments(enabled: bool) -> dict:
+    """The `TrainingArguments` keyword that turns activation checkpointing on or off in this transformers."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+__all__ = [
+    "SUPPORTED_RANGE",
+    "CACHE_NAME",
+    "ALL_ATTENTION_FUNCTIONS",
+    "check_transformers_version",
+    "take_cache",
+    "rename_cache_kwarg",
+    "cache_field",
+    "cache_of",
+    "BaseModelOutputWithPast",
+    "CausalLMOutputWithPast",
+    "clip_with_vision_model_level",
+    "ActivationCheckpointingNames",
+    "checkpointing_training_arguments",
+]
