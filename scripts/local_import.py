@@ -12,7 +12,13 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The flat files a model directory needs beside its weights for `trust_remote_code`.
-CODE_FILES = ("configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py", "processing_videoxl.py")
+CODE_FILES = (
+    "configuration_videoxl.py",
+    "modeling_videoxl.py",
+    "beacon_cache.py",
+    "processing_videoxl.py",
+    "compat_videoxl.py",
+)
 
 
 def _register_package() -> None:
@@ -23,6 +29,7 @@ def _register_package() -> None:
 
 
 _register_package()
+compat = importlib.import_module("videoxl.compat_videoxl")  # first: refuses an unsupported transformers clearly
 configuration = importlib.import_module("videoxl.configuration_videoxl")
 modeling = importlib.import_module("videoxl.modeling_videoxl")
 cache = importlib.import_module("videoxl.beacon_cache")
