@@ -9,6 +9,9 @@ patch release that back-ports a change is handled too. The version is read only 
 | cache argument / output field | `past_key_values`                   | `cache` (5.24)                        |
 | `CLIPVisionModel` parameters  | under a `vision_model.` level       | no `vision_model.` level (5.6)        |
 | attention lookup              | `ALL_ATTENTION_FUNCTIONS[name]`     | `.get_interface(name, default)` (5.1) |
+| processor `apply_chat_template`| `__call__` options as keywords,     | `processor_kwargs=` (5.4), string     |
+|                               | list contents only                  | contents (5.7); assistant masks moved |
+|                               |                                     | past expanded placeholders (5.18)     |
 | activation checkpointing      | `gradient_checkpointing_enable()`,  | `activation_checkpointing_enable()`,  |
 |                               | `TrainingArguments(gradient_...)`   | `TrainingArguments(activation_...)`   |
 |                               |                                     | (5.23)                                |
@@ -17,7 +20,9 @@ Configs became dataclasses (5.4) with `SubConfigSpec` sub-config declarations (5
 `__init__` form that every 5.x release accepts for remote code, so it needs nothing from this file.
 """
 
-import transformers
+import sys
+
+import transformers  # noqa: F401 (the guard reads its version; every release imports cleanly)
 from packaging.version import Version
 
 
@@ -28,7 +33,8 @@ NEWEST_TESTED = "5.24.0"  # `make test` runs the newest; `make test-oldest` runs
 def check_transformers_version(installed: str | None = None) -> None:
     """Raise one `ImportError` naming the supported range when `installed` (default: the imported transformers'
     `__version__`, read at call time) is outside it."""
-    installed = transformers.__version__ if installed is None else installed
+    # Looked up at call time: transformers may replace its module object in `sys.modules` after import.
+    installed = sys.modules["transformers"].__version__ if installed is None else installed
     if not Version("5.0.0") <= Version(installed) < Version("6.0.0"):
         raise ImportError(
             f"Video-XL's remote code supports transformers{SUPPORTED_RANGE} (tested 5.0.0 to {NEWEST_TESTED}), but "
@@ -41,12 +47,14 @@ def check_transformers_version(installed: str | None = None) -> None:
 check_transformers_version()
 
 import dataclasses  # noqa: E402
+import inspect  # noqa: E402
 
 from torch import nn  # noqa: E402
 from transformers import AutoModel, TrainingArguments  # noqa: E402
 from transformers import modeling_outputs as _outputs  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _ATTENTION_FUNCTIONS  # noqa: E402
 from transformers.modeling_utils import PreTrainedModel  # noqa: E402
+from transformers.processing_utils import ProcessorMixin  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -170,6 +178,53 @@ def checkpointing_training_arguments(enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Processor chat template
+# --------------------------------------------------------------------------------------------------------------------
+
+_CHAT_TEMPLATE_TAKES_PROCESSOR_KWARGS = "processor_kwargs" in inspect.signature(
+    ProcessorMixin.apply_chat_template
+).parameters
+
+
+def chat_template_arguments(conversation: list, processor_kwargs: dict) -> tuple[list, dict]:
+    """`(conversation, keyword arguments)` for `ProcessorMixin.apply_chat_template` of this transformers.
+
+    Options for the processor's `__call__` go as `processor_kwargs=` (5.4+) or among the other keywords (before).
+    Turns whose content is a plain string are given as `[{"type": "text", "text": ...}]`, which the chat template
+    renders identically and which releases before 5.7 require when tokenizing.
+    """
+    batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+    conversations = [
+        [message if not isinstance(message.get("content"), str) else _as_text_items(message) for message in chat]
+        for chat in (conversation if batched else [conversation])
+    ]
+    arguments = {"processor_kwargs": processor_kwargs} if _CHAT_TEMPLATE_TAKES_PROCESSOR_KWARGS else processor_kwargs
+    return (conversations if batched else conversations[0]), dict(arguments)
+
+
+def _as_text_items(message: dict) -> dict:
+    return {**message, "content": [{"type": "text", "text": message["content"]}]}
+
+
+def offsets_in_caller_text(offset_mapping: list, replacements: list[dict]) -> list:
+    """One sample's token `offset_mapping` moved from the placeholder-expanded text back to the text the caller gave:
+    a token inside an expansion gets the span of its placeholder. `replacements`: `{"span", "new_span"}` per expanded
+    placeholder, in order (the processor's `text_replacement_offsets`).
+
+    `apply_chat_template` computes assistant masks from these offsets. From 5.18 it asks for the replacement offsets
+    too and moves its spans into the expanded text itself; before, it takes the offsets as being in its own text.
+    """
+    moved, index, shift = [], 0, 0
+    for start, end in offset_mapping:
+        while index < len(replacements) and start >= replacements[index]["new_span"][1]:
+            shift = replacements[index]["new_span"][1] - replacements[index]["span"][1]
+            index += 1
+        inside = index < len(replacements) and start >= replacements[index]["new_span"][0] and end > start
+        moved.append(tuple(replacements[index]["span"]) if inside else (start - shift, end - shift))
+    return moved
+
+
 __all__ = [
     "SUPPORTED_RANGE",
     "CACHE_NAME",
@@ -184,4 +239,6 @@ __all__ = [
     "clip_with_vision_model_level",
     "ActivationCheckpointingNames",
     "checkpointing_training_arguments",
+    "chat_template_arguments",
+    "offsets_in_caller_text",
 ]

@@ -740,11 +740,17 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
+        cache: BeaconCache | None = None,
+        past_key_values: BeaconCache | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
-        """Feed only the columns the cache has not absorbed; pixels only while visual tokens are among them."""
-        cache = kwargs.pop(CACHE_NAME, None)
+        """Feed only the columns the cache has not absorbed; pixels only while visual tokens are among them.
+
+        `generate` passes the cache under this transformers' name (`compat_videoxl.CACHE_NAME`); both names are
+        declared so that its argument check accepts a user's cache under either.
+        """
+        cache = take_cache(cache, {"past_key_values": past_key_values})
         seen = cache.seen_tokens if isinstance(cache, BeaconCache) else 0
         model_inputs = {"input_ids": input_ids[:, seen:], "cache": cache, "attention_mask": attention_mask}
         for key, value in kwargs.items():

@@ -37,6 +37,8 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .compat_videoxl import chat_template_arguments, offsets_in_caller_text
+
 try:  # PyAV is only needed for video files; image-only users can do without it.
     import av
 except ImportError:  # pragma: no cover - exercised only where PyAV is missing
@@ -845,8 +847,8 @@ class VideoXLProcessor(ProcessorMixin):
         for key in _CALL_OPTIONS:
             if key in kwargs and key != "return_tensors":
                 processor_kwargs[key] = kwargs.pop(key)
-        return super().apply_chat_template(conversation, chat_template=chat_template,
-                                           processor_kwargs=processor_kwargs, **kwargs)
+        conversation, arguments = chat_template_arguments(conversation, processor_kwargs)
+        return super().apply_chat_template(conversation, chat_template=chat_template, **arguments, **kwargs)
 
     def load_video(self, video: VideoLike, **sampling_kwargs) -> tuple[torch.Tensor, VideoMetadata]:
         """One video -> (float32 [F, 3, S, S] pixel values, metadata). Options as in `__call__`."""
@@ -955,6 +957,10 @@ class VideoXLProcessor(ProcessorMixin):
         result = dict(encoded)
         if options["return_text_replacement_offsets"]:
             result["text_replacement_offsets"] = offsets
+        elif "offset_mapping" in result:  # asked without the replacements: offsets into the caller's text
+            result["offset_mapping"] = [
+                offsets_in_caller_text(row, sample) for row, sample in zip(result["offset_mapping"], offsets)
+            ]
         return result
 
     def _check_token_counts(self, input_ids: list[list[int]], frames: int, tiles: int) -> None:

@@ -128,7 +128,9 @@ def _naive_frames(path: str, count: int) -> np.ndarray:
 def run_method(method: str, path: str, count: int) -> dict:
     """Load `count` frames with `method`; return seconds, peak RSS and the output's shape."""
     sys.path.insert(0, str(ROOT))
-    import processing_videoxl as pv  # imported before timing: import cost is not decode cost
+    from scripts.local_import import processing
+
+    pv = processing()  # imported before timing: import cost is not decode cost
 
     if method.startswith("decord"):
         import decord  # noqa: F401
@@ -160,8 +162,9 @@ def run_method(method: str, path: str, count: int) -> dict:
 def check_agreement(path: str, count: int = 32) -> dict:
     """Our frames against decord's at the same indices (both are RGB of the same decoded frames)."""
     sys.path.insert(0, str(ROOT))
-    import processing_videoxl as pv
+    from scripts.local_import import processing
 
+    pv = processing()
     ours, meta = pv.read_video_frames(path, pv.VideoSampling(num_frames=count), np.asarray)
     theirs = _decord_frames(path, count)
     diff = np.abs(np.stack(ours).astype(np.int16) - theirs.astype(np.int16))

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import AddedToken, AutoProcessor, PreTrainedTokenizerFast, Qwen2Tokenizer  # noqa: E402
 
-import processing_videoxl as pv  # noqa: E402
+from scripts.local_import import processing  # noqa: E402
 from _video_files import (  # noqa: E402
     decode_all,
     frame_pattern,
@@ -31,6 +31,8 @@ from _video_files import (  # noqa: E402
     write_video,
     write_video_stream_without_frames,
 )
+
+pv = processing()
 
 
 ROOT = Path(__file__).resolve().parents[1]
