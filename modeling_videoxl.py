@@ -331,8 +331,8 @@ class VideoXLDecoderLayer(GradientCheckpointingLayer):
 
 
 class VideoXLVisionTower(nn.Module):
-    """CLIP vision encoder. Holds the library's `CLIPVisionModel` as `vision_tower.vision_model` so that parameter
-    names match the released checkpoint (`model.vision_tower.vision_tower.vision_model.*`)."""
+    """CLIP vision encoder. Holds the library's CLIP vision model so that parameter names match the released
+    checkpoint (`model.vision_tower.vision_tower.vision_model.*`) on every supported transformers release."""
 
     def __init__(self, vision_config, feature_layer: int):
         super().__init__()
