@@ -108,13 +108,11 @@ def convert_config(
     return config
 
 
-def copy_weights(input_dir: Path, output_dir: Path) -> list[str]:
+def weight_files(input_dir: Path) -> list[Path]:
     files = sorted(input_dir.glob("*.safetensors")) + sorted(input_dir.glob("*.safetensors.index.json"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {input_dir} (only safetensors checkpoints are supported)")
-    for path in files:
-        shutil.copyfile(path, output_dir / path.name)
-    return [path.name for path in files]
+    return files
 
 
 def write_generation_config(input_dir: Path, output_dir: Path, config: VideoXLConfig) -> None:
@@ -190,6 +188,7 @@ tokens into visual summarization tokens (VSTs) as the language model reads them.
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
 
+path = "path/to/this/repo"  # or its Hub id
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16, device_map="auto")
 processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
 messages = [{{"role": "user", "content": [
@@ -221,21 +220,23 @@ def convert(
     anything is written.
     """
     original = json.loads((input_dir / "config.json").read_text())
+    weights = weight_files(input_dir)
     processor = AutoProcessor.from_pretrained(processor_source, trust_remote_code=True)
     image_token_id, video_token_id = visual_token_ids(processor, processor_source)
     config = convert_config(original, input_dir, vision_tower, image_token_id, video_token_id)
     check_processor_fits(processor, config, processor_source)
+    card = model_card(config, input_dir, base_models)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(output_dir)
     write_generation_config(input_dir, output_dir, config)
-    copy_weights(input_dir, output_dir)
+    for path in weights:
+        shutil.copyfile(path, output_dir / path.name)
     processor.save_pretrained(output_dir)
     # After the processor: the repo's code wins over the copy a --processor directory may carry.
     for name in CODE_FILES:
-        if (REPO_ROOT / name).is_file():
-            shutil.copyfile(REPO_ROOT / name, output_dir / name)
-    model_card(config, input_dir, base_models).save(output_dir / "README.md")
+        shutil.copyfile(REPO_ROOT / name, output_dir / name)
+    card.save(output_dir / "README.md")
     return output_dir
 
 
