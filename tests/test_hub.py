@@ -19,8 +19,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
 
 import conftest
-from scripts.convert_original_checkpoint import convert
-from scripts.local_import import CODE_FILES, REPO_ROOT
+from scripts.convert_original_checkpoint import check_processor_fits, convert, visual_token_ids
+from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig
 
 
 README = REPO_ROOT / "README.md"
@@ -118,6 +118,14 @@ def test_converted_repo_loads_with_auto_classes_and_pipeline(converted_parity):
     # Same prompt ids (the pipeline went through the processor's chat template and images) and same answer.
     assert generated.tolist() == expected[0].tolist()
     assert generated.shape[0] > inputs["input_ids"].shape[1]
+
+
+def test_default_processor_fits_the_released_7b():
+    """The converter's default (this repo's processor) passes its own checks on the 7B's config, with its ids."""
+    processor = AutoProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    config = VideoXLConfig.from_pretrained(REPO_ROOT)
+    assert visual_token_ids(processor, REPO_ROOT) == (config.image_token_id, config.video_token_id) == (151646, 151647)
+    check_processor_fits(processor, config, REPO_ROOT)
 
 
 def test_converter_refuses_a_tokenizer_past_the_vocabulary(parity_dir, tmp_path):
