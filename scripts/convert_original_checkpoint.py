@@ -178,7 +178,7 @@ tokens into visual summarization tokens (VSTs) as the language model reads them.
 | part | shape |
 |---|---|
 | language model | Qwen2, {text.num_hidden_layers} layers, hidden {text.hidden_size}, vocabulary {text.vocab_size} |
-| vision tower | CLIP, {vision.image_size} px, {vision.patch_size} px patches, feature layer {config.vision_feature_layer} |
+| vision tower | CLIP, {vision.image_size} px, {vision.patch_size} px patches, layer {config.vision_feature_layer} |
 | visual tokens | {config.tokens_per_frame} per frame or image tile, windows of {config.beacon_window} tokens |
 | compression | ratio {config.beacon_ratio} by default (trained on {config.beacon_train_ratios}) |
 

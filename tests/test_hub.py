@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
 
 import conftest
+from _video_files import write_video
 from scripts.convert_original_checkpoint import check_processor_fits, convert, visual_token_ids
 from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig
 
@@ -27,13 +28,14 @@ README = REPO_ROOT / "README.md"
 BASE_MODELS = ["sy1998/Video_XL", "Qwen/Qwen2-7B-Instruct", "openai/clip-vit-large-patch14-336"]
 
 
-def image_prompt(seed: int = 0) -> list[dict]:
-    """One user turn: a 500x300 image (2 tiles of 336 px) and a question."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (300, 500, 3), dtype=np.uint8)
-    return [{"role": "user", "content": [
-        {"type": "image", "image": Image.fromarray(pixels)},
-        {"type": "text", "text": "what colour is the needle ?"},
-    ]}]
+def chat(visual: dict) -> list[dict]:
+    """One user turn: an image or a video, then a question."""
+    return [{"role": "user", "content": [visual, {"type": "text", "text": "what colour is the needle ?"}]}]
+
+
+def random_image(seed: int = 0) -> Image.Image:
+    """A 500x300 image: 2 tiles of 336 px."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (300, 500, 3), dtype=np.uint8))
 
 
 # ---- the README's front matter --------------------------------------------------------------------------------
@@ -90,7 +92,8 @@ def test_converted_repo_is_complete(converted_parity, tiny_processor_dir):
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for name in names)  # no pickle
     # The processor saved itself: the tiny tokenizer, the chat template and the 336 px settings are all there.
     processor = AutoProcessor.from_pretrained(converted_parity, trust_remote_code=True)
-    assert len(processor.tokenizer) == len(AutoProcessor.from_pretrained(tiny_processor_dir, trust_remote_code=True).tokenizer)
+    tiny_tokenizer = AutoProcessor.from_pretrained(tiny_processor_dir, trust_remote_code=True).tokenizer
+    assert processor.tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
     assert "<|im_start|>" in processor.chat_template
     config = json.loads((converted_parity / "config.json").read_text())
     assert config["image_token_id"] == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -101,21 +104,29 @@ def test_converted_repo_is_complete(converted_parity, tiny_processor_dir):
     assert "vocabulary 1000" in card.text and "336 px" in card.text
 
 
-def test_converted_repo_loads_with_auto_classes_and_pipeline(converted_parity):
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_converted_repo_loads_with_auto_classes_and_pipeline(converted_parity, tmp_path, kind):
+    """`pipeline("image-text-to-text")` on the converter's output answers a chat with an image or a video exactly as
+    `generate` on the processor's output does (videos go through chat messages, as with LLaVA-OneVision)."""
+    if kind == "image":
+        messages, processor_kwargs = chat({"type": "image", "image": random_image()}), {}
+    else:
+        video = write_video(tmp_path / "clip.mp4", n_frames=12)
+        messages, processor_kwargs = chat({"type": "video", "path": str(video)}), {"num_frames": 4}
     model = AutoModelForCausalLM.from_pretrained(converted_parity, trust_remote_code=True, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(converted_parity, trust_remote_code=True)
-    messages = image_prompt()
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    assert inputs["pixel_values"].shape[-3:] == (3, 336, 336)
+                                           return_tensors="pt", **processor_kwargs)
+    pixels = inputs["pixel_values"] if kind == "image" else inputs["pixel_values_videos"]
+    assert pixels.reshape(-1, *pixels.shape[-3:]).shape == (2 if kind == "image" else 4, 3, 336, 336)
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
 
     pipe = pipeline("image-text-to-text", model=str(converted_parity), trust_remote_code=True, dtype=torch.float32)
     assert type(pipe.model).__name__ == "VideoXLForCausalLM"
-    out = pipe(text=messages, max_new_tokens=4, do_sample=False, return_tensors=True)
+    out = pipe(text=messages, max_new_tokens=4, do_sample=False, return_tensors=True, processor_kwargs=processor_kwargs)
     generated = torch.as_tensor(out[0]["generated_token_ids"])
-    # Same prompt ids (the pipeline went through the processor's chat template and images) and same answer.
+    # Same prompt ids (the pipeline went through the processor's chat template and pixels) and the same answer.
     assert generated.tolist() == expected[0].tolist()
     assert generated.shape[0] > inputs["input_ids"].shape[1]
 
