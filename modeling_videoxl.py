@@ -87,6 +87,12 @@ def memory_causal_attention(
     return out.transpose(1, 2)
 
 
+def placed_device(weight: torch.Tensor, fallback: torch.device) -> torch.device:
+    """The device a module computes on: its weight's. Under accelerate offload the weight is a `meta` placeholder
+    and the module's hook moves its inputs, so they stay on `fallback`."""
+    return fallback if weight.device.type == "meta" else weight.device
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on `x` `[batch, heads, rows, head_dim]` with `cos`/`sin` `[batch, rows, head_dim]`."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -445,7 +451,7 @@ class VideoXLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["VideoXLDecoderLayer", "CLIPEncoderLayer"]
+    _no_split_modules = ["VideoXLDecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -494,8 +500,10 @@ class VideoXLModel(VideoXLPreTrainedModel):
     def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector -> pool."""
         first, activation, second = self.mm_projector
-        # Per window onto the tower's device: a long video's pixels can stay in host memory.
-        features = self.vision_tower(pixel_values.to(device=first.weight.device, dtype=first.weight.dtype))
+        # Per window onto the tower's device: a long video's pixels can stay in host memory. CLIP casts them to its
+        # own dtype (fp32 pixels into a bf16 model).
+        patch_weight = self.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight
+        features = self.vision_tower(pixel_values.to(placed_device(patch_weight, pixel_values.device)))
         features = activation(first(features))
         n, patches, dim = features.shape
         side = int(patches**0.5)
@@ -530,7 +538,9 @@ class VideoXLModel(VideoXLPreTrainedModel):
         batch = input_ids.shape[0]
         features = self.window_features(step, visual_offset, visual_inputs[step.token_id], batch)
         groups = features.reshape(batch, step.num_vsts, step.ratio, -1)
-        vst = self.beacon_embed_tokens.weight.to(groups.dtype).expand(batch, step.num_vsts, 1, -1)
+        # Called as a module (not `.weight`) so that offload hooks can bring the weight in.
+        vst_index = torch.zeros(1, dtype=torch.long, device=placed_device(self.beacon_embed_tokens.weight, groups.device))
+        vst = self.beacon_embed_tokens(vst_index).to(groups.device, groups.dtype).expand(batch, step.num_vsts, 1, -1)
         return torch.cat([groups, vst], dim=2).reshape(batch, step.num_rows, -1)
 
     def step_mask(
@@ -848,8 +858,10 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             num_items_in_batch: the loss's normaliser under gradient accumulation (passed by the `Trainer`).
             return_dict: False returns a tuple of the output's fields that are not None, in order.
         """
-        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        device = (input_ids if input_ids is not None else inputs_embeds).device
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is None:
+            raise ValueError("Pass input_ids (or inputs_embeds for a text-only prompt).")
+        length, device = tokens.shape[1], tokens.device
         if labels is not None:
             shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
             columns = (shift_labels != -100).any(dim=0).nonzero().squeeze(1)
@@ -871,6 +883,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(hidden_states) if hidden_states is not None else None
@@ -893,6 +906,22 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
 
     # ---- generation --------------------------------------------------------------------------------------------
 
+    def _prepare_generation_config(self, generation_config, *args, **kwargs):
+        """`compression_ratio` as a model input: from `generate(compression_ratio=...)`, else from the generation
+        config (`model.generation_config.compression_ratio`, or the key in a saved `generation_config.json`).
+
+        This is the one place where the library splits generate's kwargs into generation options and model inputs;
+        once the generation config holds a `compression_ratio`, the library treats the kwarg as a generation option
+        (the explicit kwarg still wins there), so it is moved back to the model inputs here.
+        """
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, *args, **kwargs)
+        ratio = model_kwargs.pop("compression_ratio", None)
+        if ratio is None:
+            ratio = getattr(generation_config, "compression_ratio", None)
+        if ratio is not None:
+            model_kwargs["compression_ratio"] = check_ratio(ratio, self.config)
+        return generation_config, model_kwargs
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             model_kwargs["cache"] = BeaconCache(self.config.text_config.num_hidden_layers)
@@ -909,7 +938,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         seen = cache.seen_tokens if isinstance(cache, BeaconCache) else 0
         model_inputs = {"input_ids": input_ids[:, seen:], "cache": cache, "attention_mask": attention_mask}
         for key, value in kwargs.items():
-            if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds"):
+            if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds", "cache_position"):
                 continue
             if key in VISUAL_INPUT_NAMES and seen > 0:
                 continue
@@ -933,6 +962,13 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
                 pixels = torch.cat([chunk for chunk in frames.split(per_sample) for _ in range(expand_size)])
             model_kwargs[name] = pixels
         return expanded_ids, model_kwargs
+
+    def save_pretrained(self, *args, **kwargs):
+        """Save as usual. A generation config derived from the model config drops custom keys when it is loaded
+        back; unmarking it (as the library's Seq2SeqTrainer does) keeps a `compression_ratio` set on it."""
+        if getattr(self.generation_config, "compression_ratio", None) is not None:
+            self.generation_config._from_model_config = False
+        return super().save_pretrained(*args, **kwargs)
 
     # ---- loading -----------------------------------------------------------------------------------------------
 
