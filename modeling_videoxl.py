@@ -8,6 +8,7 @@ The compression path reads top to bottom in [`VideoXLModel.forward`]:
 plan steps -> embed a step (encode its frames) -> run the layers -> keep what the keep rule keeps.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -281,7 +282,7 @@ def check_pixel_values(name: str, pixels: torch.Tensor) -> None:
             f"{pixels.dtype}: raw 0..255 frames need the processor."
         )
     low, high = (value.item() for value in torch.aminmax(pixels))
-    if not (torch.isfinite(torch.tensor([low, high])).all()):
+    if not (math.isfinite(low) and math.isfinite(high)):  # min and max propagate NaN
         raise ValueError(f"{name} holds NaN or infinite values.")
     if low < -PIXEL_LIMIT or high > PIXEL_LIMIT:
         raise ValueError(
