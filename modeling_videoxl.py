@@ -647,7 +647,10 @@ class VideoXLModel(VideoXLPreTrainedModel):
             `last_hidden_state` `[batch, n, hidden]` at `output_columns`, the `cache` with the kept memory, and with
             `output_hidden_states` a tuple of `num_hidden_layers + 1` tensors `[batch, kept_rows, hidden]`.
         """
-        check_output_attentions(output_attentions)
+        # Unset output options follow the config, as in the library's models.
+        check_output_attentions(self.config.output_attentions if output_attentions is None else output_attentions)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is not None:
             check_inputs_embeds(input_ids, inputs_embeds, pixel_values_videos, pixel_values)
             # Text only (checked): the ids only give the layout, which is one text step.

@@ -64,6 +64,9 @@ def test_text_hidden_states_equal_qwen2_hidden_states():
         torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
     # the last entry is the final norm's output, which lm_head turns into the logits
     torch.testing.assert_close(model.lm_head(ours.hidden_states[-1]), ours.logits, atol=1e-6, rtol=1e-6)
+    model.config.output_hidden_states = True  # the config's default is honoured too
+    with torch.no_grad():
+        assert len(model(TEXT).hidden_states) == 3
 
 
 def test_visual_hidden_states_cover_the_text_rows_and_the_kept_vsts():
@@ -115,6 +118,9 @@ def test_output_attentions_is_one_clear_error():
             model(TEXT, output_attentions=True)
         with pytest.raises(ValueError, match="output_attentions is not supported"):
             model.generate(TEXT, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+        model.config.output_attentions = True
+        with pytest.raises(ValueError, match="output_attentions is not supported"):
+            model(TEXT)
 
 
 @pytest.mark.parametrize("name", ["position_ids", "cache_position", "token_type_ids", "compresion_ratio"])
