@@ -69,13 +69,12 @@ CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(_outputs.
 _OTHER_CACHE_NAME = "past_key_values" if CACHE_NAME == "cache" else "cache"
 
 
-def take_cache(cache, kwargs: dict):
-    """The cache a caller passed under either name: `cache` (the parameter) or `past_key_values` (popped from the
-    forward's `kwargs`). Giving both is an error."""
-    other = kwargs.pop("past_key_values", None)
-    if other is not None and cache is not None:
+def take_cache(cache, past_key_values):
+    """The cache a caller passed as `cache=` (5.24's name) or as `past_key_values=` (the name before). Giving both is
+    an error."""
+    if cache is not None and past_key_values is not None:
         raise ValueError("Pass the cache once: as `cache=` or as `past_key_values=`, not both.")
-    return other if cache is None else cache
+    return past_key_values if cache is None else cache
 
 
 def rename_cache_kwarg(model_kwargs: dict) -> None:

@@ -8,6 +8,7 @@ The compression path reads top to bottom in [`VideoXLModel.forward`]:
 plan steps -> embed a step (encode its frames) -> run the layers -> keep what the keep rule keeps.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     repeat_kv,
     rotate_half,
 )
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .beacon_cache import BeaconCache
 from .compat_videoxl import (
@@ -94,6 +95,12 @@ def memory_causal_attention(
         query, repeat_kv(keys, groups), repeat_kv(values, groups), dropout_p=dropout, scale=scaling, **bias
     )
     return out.transpose(1, 2)
+
+
+def placed_device(weight: torch.Tensor, fallback: torch.device) -> torch.device:
+    """The device a module computes on: its weight's. Under accelerate offload the weight is a `meta` placeholder
+    and the module's hook moves its inputs, so they stay on `fallback`."""
+    return fallback if weight.device.type == "meta" else weight.device
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -180,12 +187,7 @@ def plan_steps(
     Every sample of the batch must have its visual tokens in the same columns (one plan serves the batch).
     """
     visual_ids = (config.video_token_id, config.image_token_id)
-    is_visual = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
-    if input_ids.shape[0] > 1 and not (is_visual == is_visual[:1]).all():
-        raise ValueError(
-            "Every sample in a batch must have its visual tokens in the same columns (same prompt layout); "
-            "run prompts with different layouts one at a time."
-        )
+    check_batch_layout(input_ids, visual_ids)
     steps, cursor = [], 0
     for start, end, token_id in visual_runs(input_ids[0], visual_ids):
         if start > cursor:
@@ -203,6 +205,99 @@ def plan_steps(
     if cursor < input_ids.shape[1]:
         steps.append(Step(cursor, input_ids.shape[1]))
     return steps
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Input checks: bad input gets one clear error before anything runs
+# --------------------------------------------------------------------------------------------------------------------
+
+# CLIP-normalised pixels of images in [0, 1] lie in about [-1.8, 2.2]; the bound leaves room for other
+# normalisations and random test tensors, and still catches unnormalised 0..255 pixels.
+PIXEL_LIMIT = 10.0
+
+
+def check_batch_layout(input_ids: torch.Tensor, visual_ids: tuple[int, ...]) -> None:
+    """Every sample of a batch must hold the same kind of visual token (video or image) in the same columns: one
+    plan of windows serves the whole batch."""
+    if input_ids.shape[0] < 2:
+        return
+    kinds = input_ids.masked_fill(~torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device)), -1)
+    differs = (kinds != kinds[:1]).any(dim=1)
+    if not differs.any():
+        return
+    sample = int(differs.nonzero()[0])
+    column = int((kinds[sample] != kinds[0]).nonzero()[0])
+    names = {visual_ids[0]: "a video token", visual_ids[1]: "an image token", -1: "text"}
+    raise ValueError(
+        "Every sample in a batch must have the same kind of visual token (video or image) in the same columns "
+        f"(same prompt layout): at column {column} sample 0 has {names[int(kinds[0, column])]} and sample {sample} "
+        f"has {names[int(kinds[sample, column])]}. Run prompts with different layouts one at a time."
+    )
+
+
+def check_input_ids(input_ids: torch.Tensor | None, config: VideoXLConfig) -> None:
+    """`input_ids` must be a non-empty `[batch, seq]` tensor of token ids of the vocabulary or visual token ids."""
+    if input_ids is None:
+        raise ValueError("Pass input_ids (or inputs_embeds for a text-only prompt).")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per sample.")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    vocab = config.text_config.vocab_size
+    visual_ids = torch.tensor([config.video_token_id, config.image_token_id], device=input_ids.device)
+    outside = ((input_ids < 0) | (input_ids >= vocab)) & ~torch.isin(input_ids, visual_ids)
+    if outside.any():
+        sample, column = outside.nonzero()[0].tolist()
+        raise ValueError(
+            f"input_ids holds {int(outside.sum())} id(s) outside the vocabulary [0, {vocab}) that are not visual "
+            f"token ids, e.g. {int(input_ids[sample, column])} at sample {sample}, column {column}."
+        )
+
+
+def check_inputs_embeds(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor,
+    pixel_values_videos: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+) -> None:
+    """`inputs_embeds` `[batch, seq, hidden]` replaces `input_ids` for text only: the ids say where the visual
+    windows are, which embeddings cannot."""
+    if input_ids is not None:
+        raise ValueError("Pass either input_ids or inputs_embeds, not both.")
+    if pixel_values_videos is not None or pixel_values is not None:
+        raise ValueError(
+            "inputs_embeds works for text-only prompts: a visual prompt needs input_ids, because the video and "
+            "image token ids mark where each window of frames goes and how it is compressed."
+        )
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+        raise ValueError(f"inputs_embeds must be a non-empty [batch, seq, hidden], got {tuple(inputs_embeds.shape)}")
+
+
+def check_output_attentions(output_attentions: bool | None) -> None:
+    if output_attentions:
+        raise ValueError(
+            "output_attentions is not supported: each window attends to a compressed memory that changes from "
+            "window to window, so there is no [seq, seq] attention map to return. Use output_hidden_states."
+        )
+
+
+def check_pixel_values(name: str, pixels: torch.Tensor) -> None:
+    """Pixels must be CLIP-normalised floats: finite and in a plausible range (one pass over the pixels)."""
+    if not pixels.is_floating_point():
+        raise ValueError(
+            f"{name} must be CLIP-normalised floating-point pixels (the processor's output), got dtype "
+            f"{pixels.dtype}: raw 0..255 frames need the processor."
+        )
+    low, high = (value.item() for value in torch.aminmax(pixels))
+    if not (math.isfinite(low) and math.isfinite(high)):  # min and max propagate NaN
+        raise ValueError(f"{name} holds NaN or infinite values.")
+    if low < -PIXEL_LIMIT or high > PIXEL_LIMIT:
+        raise ValueError(
+            f"{name} ranges over [{low:.4g}, {high:.4g}]; CLIP-normalised pixels lie in about [-1.8, 2.2] "
+            f"(refused beyond +-{PIXEL_LIMIT:g}). Were they normalised? Raw 0..255 frames need the processor."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -365,7 +460,7 @@ class VideoXLPreTrainedModel(ActivationCheckpointingNames, PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["VideoXLDecoderLayer", "CLIPEncoderLayer"]
+    _no_split_modules = ["VideoXLDecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -396,6 +491,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             nn.Linear(text.hidden_size, text.hidden_size),
         )
         self.ratio_generator = torch.Generator().manual_seed(config.ratio_seed)
+        self._warned_positions = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -413,8 +509,10 @@ class VideoXLModel(VideoXLPreTrainedModel):
     def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector -> pool."""
         first, activation, second = self.mm_projector
-        # Per window onto the tower's device: a long video's pixels can stay in host memory.
-        features = self.vision_tower(pixel_values.to(device=first.weight.device, dtype=first.weight.dtype))
+        # Per window onto the tower's device: a long video's pixels can stay in host memory. CLIP casts them to its
+        # own dtype (fp32 pixels into a bf16 model).
+        patch_weight = self.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight
+        features = self.vision_tower(pixel_values.to(placed_device(patch_weight, pixel_values.device)))
         features = activation(first(features))
         n, patches, dim = features.shape
         side = int(patches**0.5)
@@ -449,7 +547,9 @@ class VideoXLModel(VideoXLPreTrainedModel):
         batch = input_ids.shape[0]
         features = self.window_features(step, visual_offset, visual_inputs[step.token_id], batch)
         groups = features.reshape(batch, step.num_vsts, step.ratio, -1)
-        vst = self.beacon_embed_tokens.weight.to(groups.dtype).expand(batch, step.num_vsts, 1, -1)
+        # Called as a module (not `.weight`) so that offload hooks can bring the weight in.
+        vst_index = torch.zeros(1, dtype=torch.long, device=placed_device(self.beacon_embed_tokens.weight, groups.device))
+        vst = self.beacon_embed_tokens(vst_index).to(groups.device, groups.dtype).expand(batch, step.num_vsts, 1, -1)
         return torch.cat([groups, vst], dim=2).reshape(batch, step.num_rows, -1)
 
     def step_mask(
@@ -492,8 +592,10 @@ class VideoXLModel(VideoXLPreTrainedModel):
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         base: torch.Tensor,
+        layer_states: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run every layer on one step and keep, per layer, what the keep rule keeps."""
+        """Run every layer on one step and keep, per layer, what the keep rule keeps. Each layer's output is
+        appended to `layer_states` when given."""
         position_embeddings = self.rotary_emb(hidden_states, positions)
         vst_rows, kept_position_embeddings = None, None
         if step.is_window:
@@ -512,19 +614,26 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 kept_position_embeddings,
             )
             cache.keep(layer_idx, kept_keys, kept_values)
+            if layer_states is not None:
+                layer_states.append(hidden_states)
         return hidden_states
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         cache: BeaconCache | None = None,
         compression_ratio: int | None = None,
         output_columns: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPast:
         """Run `input_ids` `[batch, seq]` against `cache` (a new one if None), compressing every visual window.
 
@@ -536,12 +645,26 @@ class VideoXLModel(VideoXLPreTrainedModel):
             pixel_values: image tiles `[tiles, 3, H, W]` (or with a leading image dim), in the same order.
             compression_ratio: one ratio for every window; None draws per window in training, else the config's.
             output_columns: sorted columns `[n]` whose final hidden states are returned; None = all.
+            inputs_embeds: `[batch, seq, hidden]` instead of `input_ids`, for text only (where the visual windows
+                are is read from the ids).
+            use_cache: False returns no cache (the memory is still built: windows need it).
+            output_hidden_states: also return the hidden states of the kept rows (see `kept_hidden_states`).
+            output_attentions: refused; there is no `[seq, seq]` attention map once windows are compressed.
 
         Returns:
-            `last_hidden_state` `[batch, n, hidden]` at `output_columns`, and the `cache` with the kept memory.
+            `last_hidden_state` `[batch, n, hidden]` at `output_columns`, the `cache` with the kept memory, and with
+            `output_hidden_states` a tuple of `num_hidden_layers + 1` tensors `[batch, kept_rows, hidden]`.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        # Unset output options follow the config, as in the library's models.
+        check_output_attentions(self.config.output_attentions if output_attentions is None else output_attentions)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if inputs_embeds is not None:
+            check_inputs_embeds(input_ids, inputs_embeds, pixel_values_videos, pixel_values)
+            # Text only (checked): the ids only give the layout, which is one text step.
+            input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        else:
+            check_input_ids(input_ids, self.config)
         batch, length = input_ids.shape
         cache = cache if cache is not None else BeaconCache(len(self.layers))
         visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
@@ -549,25 +672,67 @@ class VideoXLModel(VideoXLPreTrainedModel):
         valid = self.input_validity(attention_mask, input_ids)
         columns = torch.arange(length, device=input_ids.device) if output_columns is None else output_columns
 
-        outputs, visual_seen = [], {token_id: 0 for token_id in visual_inputs}
+        outputs, visual_seen, kept_states = [], {token_id: 0 for token_id in visual_inputs}, []
         for step in steps:
-            hidden_states = self.embed_step(step, input_ids, visual_inputs, visual_seen.get(step.token_id, 0))
+            if inputs_embeds is not None:
+                hidden_states = inputs_embeds[:, step.start : step.end]
+            else:
+                hidden_states = self.embed_step(step, input_ids, visual_inputs, visual_seen.get(step.token_id, 0))
             row_valid = self.row_validity(step, valid)
             base = cache.valid_length()
             base = torch.zeros(batch, dtype=torch.long, device=input_ids.device) if base is None else base
             mask = self.step_mask(row_valid, cache.key_mask, hidden_states.dtype)
             positions = self.step_positions(step, row_valid, base)
-            hidden_states = self.run_layers(hidden_states, cache, step, positions, mask, base)
+            layer_states = [hidden_states] if output_hidden_states else None
+            hidden_states = self.run_layers(hidden_states, cache, step, positions, mask, base, layer_states)
             cache.keep_mask(row_valid[:, step.vst_rows(input_ids.device)] if step.is_window else row_valid)
             if step.is_window:
                 visual_seen[step.token_id] += step.end - step.start
             wanted = columns[(columns >= step.start) & (columns < step.end)]
             if wanted.numel():
                 outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
+            if output_hidden_states:
+                kept_states.append(self.kept_rows(step, layer_states))
         cache.seen_tokens += length
+        self.warn_beyond_max_positions(cache)
         return BaseModelOutputWithPast(
-            last_hidden_state=torch.cat(outputs, dim=1) if outputs else None, **cache_field(cache)
+            last_hidden_state=torch.cat(outputs, dim=1) if outputs else None,
+            hidden_states=self.kept_hidden_states(kept_states) if output_hidden_states else None,
+            **cache_field(cache if use_cache is not False else None),
         )
+
+    # ---- standard outputs --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def kept_rows(step: Step, layer_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The rows of one step that stay in memory (every text row, a window's VST rows), at every layer."""
+        if not step.is_window:
+            return layer_states
+        rows = step.vst_rows(layer_states[0].device)
+        return [states[:, rows.to(states.device)] for states in layer_states]
+
+    def kept_hidden_states(self, kept_states: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """`hidden_states` like the library's: the input embeddings, then each layer's output, the last one after
+        the final norm; each `[batch, kept_rows, hidden]` over the rows this call adds to the memory, in order: text
+        rows one per column, each window's VSTs in place of its visual tokens (the visual rows themselves are
+        compressed away and are not returned)."""
+        per_layer = [torch.cat([states.to(step[0].device) for states in step], dim=1) for step in zip(*kept_states)]
+        per_layer[-1] = self.norm(per_layer[-1])
+        return tuple(per_layer)
+
+    def warn_beyond_max_positions(self, cache: BeaconCache) -> None:
+        """Warn once per model when the memory holds more positions than the language model was trained on."""
+        limit = self.config.text_config.max_position_embeddings
+        if self._warned_positions or cache.get_seq_length() <= limit:  # the kept length bounds the positions
+            return
+        positions = int(cache.valid_length().max())
+        if positions > limit:
+            self._warned_positions = True
+            logger.warning(
+                f"The memory holds {positions} kept positions, more than max_position_embeddings={limit} of the "
+                "language model: positions beyond it were never trained and answers may degrade. Use fewer frames "
+                "or a higher compression_ratio."
+            )
 
     # ---- input handling ----------------------------------------------------------------------------------------
 
@@ -635,6 +800,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
                         f"{name} must be [n, 3, {size}, {size}] or [videos, n, 3, {size}, {size}], "
                         f"got {tuple(pixels.shape)}"
                     )
+                check_pixel_values(name, pixels)
                 inputs[token_id] = frames
         return inputs
 
@@ -643,6 +809,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     """Video-XL with a language-model head: `generate` on videos, images and text; `labels` for training."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # tied only if the config says so
+    accepts_loss_kwargs = True  # forward takes `num_items_in_batch`; the Trainer reads this instead of **kwargs
 
     def __init__(self, config: VideoXLConfig):
         super().__init__(config)
@@ -665,9 +832,10 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     def seed_compression_ratios(self, seed: int) -> None:
         self.model.seed_compression_ratios(seed)
 
+    @can_return_tuple
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
@@ -677,7 +845,11 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         compression_ratio: int | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        past_key_values: BeaconCache | None = None,
     ) -> CausalLMOutputWithPast:
         r"""
         Args:
@@ -686,19 +858,32 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             image_sizes: `[images, 2]` original image sizes from the processor; the tiles already carry everything
                 the model needs, so they are accepted and not used.
             cache: a [`BeaconCache`] to continue from (its memory is extended in place).
+            past_key_values: the same as `cache`, under the name transformers used before 5.24.
             labels: `[batch, seq]` next-token labels (-100 = ignored). Logits are then computed only where a label
                 follows, and `logits` is `[batch, n, vocab]` over those columns.
             compression_ratio: one VST after every `compression_ratio` visual tokens in every window.
+            use_cache: False returns no cache.
             logits_to_keep: int k = the last k columns (0 = all); or a 1-D tensor of columns.
+            inputs_embeds: `[batch, seq, hidden]` instead of `input_ids`, text-only prompts only.
+            output_hidden_states: return `hidden_states`: the input embeddings and every layer's output (the last
+                after the final norm), each `[batch, kept_rows, hidden]` over the rows this call keeps in memory:
+                every text row, and each window's VSTs in place of its visual tokens.
+            output_attentions: refused with a clear error (no `[seq, seq]` map exists once windows are compressed).
+            num_items_in_batch: the loss's normaliser under gradient accumulation (passed by the `Trainer`).
+            return_dict: False returns a tuple of the output's fields that are not None, in order.
         """
-        cache = take_cache(cache, kwargs)
+        cache = take_cache(cache, past_key_values)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is None:
+            raise ValueError("Pass input_ids (or inputs_embeds for a text-only prompt).")
+        length, device = tokens.shape[1], tokens.device
         if labels is not None:
             shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
             columns = (shift_labels != -100).any(dim=0).nonzero().squeeze(1)
         elif isinstance(logits_to_keep, torch.Tensor):
-            columns = logits_to_keep.to(input_ids.device)
+            columns = logits_to_keep.to(device)
         elif logits_to_keep:
-            columns = torch.arange(max(input_ids.shape[1] - logits_to_keep, 0), input_ids.shape[1], device=input_ids.device)
+            columns = torch.arange(max(length - logits_to_keep, 0), length, device=device)
         else:
             columns = None
         outputs = self.model(
@@ -709,6 +894,11 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             cache=cache,
             compression_ratio=compression_ratio,
             output_columns=columns,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(hidden_states) if hidden_states is not None else None
@@ -721,15 +911,31 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
                 loss = self.loss_function(
                     logits=logits,
                     labels=None,
-                    shift_labels=shift_labels[:, columns],
+                    shift_labels=shift_labels[:, columns].to(logits.device),
                     vocab_size=self.config.text_config.vocab_size,
-                    **kwargs,
+                    num_items_in_batch=num_items_in_batch,
                 )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, **cache_field(outputs.cache if use_cache is not False else None)
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **cache_field(outputs.cache)
         )
 
     # ---- generation --------------------------------------------------------------------------------------------
+
+    def _prepare_generation_config(self, generation_config, *args, **kwargs):
+        """`compression_ratio` as a model input: from `generate(compression_ratio=...)`, else from the generation
+        config (`model.generation_config.compression_ratio`, or the key in a saved `generation_config.json`).
+
+        This is the one place where the library splits generate's kwargs into generation options and model inputs;
+        once the generation config holds a `compression_ratio`, the library treats the kwarg as a generation option
+        (the explicit kwarg still wins there), so it is moved back to the model inputs here.
+        """
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, *args, **kwargs)
+        ratio = model_kwargs.pop("compression_ratio", None)
+        if ratio is None:
+            ratio = getattr(generation_config, "compression_ratio", None)
+        if ratio is not None:
+            model_kwargs["compression_ratio"] = check_ratio(ratio, self.config)
+        return generation_config, model_kwargs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         rename_cache_kwarg(model_kwargs)
@@ -750,11 +956,11 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         `generate` passes the cache under this transformers' name (`compat_videoxl.CACHE_NAME`); both names are
         declared so that its argument check accepts a user's cache under either.
         """
-        cache = take_cache(cache, {"past_key_values": past_key_values})
+        cache = take_cache(cache, past_key_values)
         seen = cache.seen_tokens if isinstance(cache, BeaconCache) else 0
         model_inputs = {"input_ids": input_ids[:, seen:], "cache": cache, "attention_mask": attention_mask}
         for key, value in kwargs.items():
-            if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds"):
+            if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds", "cache_position"):
                 continue
             if key in VISUAL_INPUT_NAMES and seen > 0:
                 continue
@@ -778,6 +984,13 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
                 pixels = torch.cat([chunk for chunk in frames.split(per_sample) for _ in range(expand_size)])
             model_kwargs[name] = pixels
         return expanded_ids, model_kwargs
+
+    def save_pretrained(self, *args, **kwargs):
+        """Save as usual. A generation config derived from the model config drops custom keys when it is loaded
+        back; unmarking it (as the library's Seq2SeqTrainer does) keeps a `compression_ratio` set on it."""
+        if getattr(self.generation_config, "compression_ratio", None) is not None:
+            self.generation_config._from_model_config = False
+        return super().save_pretrained(*args, **kwargs)
 
     # ---- loading -----------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Shared helpers: tiny random Video-XL configs built in the test, and the parity fixture's location."""
+"""Shared helpers: tiny random Video-XL configs built in the test, and the parity fixtures (location, converted)."""
 
 import os
 from pathlib import Path
@@ -9,6 +9,7 @@ import torch
 from scripts.local_import import REPO_ROOT, VideoXLConfig, VideoXLForCausalLM
 
 
+# Written by the original implementation; CI always has them, a bare checkout may not (then those tests skip).
 PARITY_DIR = Path(os.environ.get("VIDEOXL_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
 
 # A tiny model: 112 px frames, 14 px patches -> 8x8 patches -> 2x2 pool -> 16 tokens per frame; windows of 4 frames.
@@ -76,8 +77,40 @@ def random_frames(num_frames: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, num_frames, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
 
 
+def parity_path() -> Path:
+    """The parity fixtures' folder; skips the calling test, saying where it looked, when this checkout has none."""
+    if not (PARITY_DIR / "model" / "config.json").is_file():
+        pytest.skip(
+            f"parity fixtures not found: {PARITY_DIR} has no model/config.json "
+            "(set VIDEOXL_PARITY_DIR to the folder written by the original Video-XL, ../shared/parity by default)"
+        )
+    return PARITY_DIR
+
+
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
-    if not (PARITY_DIR / "model" / "config.json").is_file():
-        pytest.fail(f"parity fixtures not found at {PARITY_DIR} (set VIDEOXL_PARITY_DIR)")
-    return PARITY_DIR
+    return parity_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor_dir(tmp_path_factory) -> Path:
+    """The released 7B's processor (CLIP-336, 144 tokens a tile, ChatML) with the demo's 154-word tokenizer.
+
+    The parity checkpoint has 1,000 vocabulary rows and no tokenizer of its own; the Qwen2 tokenizer's ids would
+    run past its embedding, the demo tokenizer's stay inside it.
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+
+    processor = AutoProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    processor.tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "demo" / "model", trust_remote_code=True)
+    out = tmp_path_factory.mktemp("tiny_processor")
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted_parity(parity_dir, tiny_processor_dir, tmp_path_factory) -> Path:
+    """The parity checkpoint through scripts/convert_original_checkpoint.py: a complete repo."""
+    from scripts.convert_original_checkpoint import convert
+
+    return convert(parity_dir / "model", tmp_path_factory.mktemp("converted"), processor_source=tiny_processor_dir)

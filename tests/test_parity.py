@@ -11,16 +11,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from scripts.convert_original_checkpoint import convert
-
 CASES = ["video_F20_r16", "image_500x300_r8"]
 VOCAB = 1000  # the original's inference logits carry one extra (resized) row: compare columns 0..999
 MARKER = -200  # the original's single visual placeholder
 
 
 @pytest.fixture(scope="module")
-def converted(parity_dir, tmp_path_factory):
-    return convert(parity_dir / "model", tmp_path_factory.mktemp("converted"))
+def converted(converted_parity):
+    return converted_parity
 
 
 def load_case(parity_dir, name, model):

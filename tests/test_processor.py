@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import AddedToken, AutoProcessor, PreTrainedTokenizerFast, Qwen2Tokenizer  # noqa: E402
 
 from scripts.local_import import processing  # noqa: E402
+from conftest import parity_path  # noqa: E402
 from _video_files import (  # noqa: E402
     decode_all,
     frame_pattern,
@@ -36,7 +37,6 @@ pv = processing()
 
 
 ROOT = Path(__file__).resolve().parents[1]
-PARITY = Path(os.environ.get("VIDEOXL_PARITY_DIR", ROOT.parent / "shared" / "parity"))
 TOKENS = 144
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -79,7 +79,7 @@ def videos(tmp_path_factory):
 
 def lut_pixels(case: str, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(raw input, float32 expected pixels) of a parity case."""
-    data = np.load(PARITY / case / "inputs.npz")
+    data = np.load(parity_path() / case / "inputs.npz")
     raw = data["raw_frames"] if "raw_frames" in data else data["raw_image"]
     expected = data["lut"][np.arange(3)[None, :, None, None], data["pixel_u8"][first:]]
     return raw, expected
@@ -180,7 +180,7 @@ def test_video_frames_parity(processor):
 
 def test_image_tiles_parity(processor):
     raw, expected = lut_pixels("image_500x300_r8", first=1)  # index 0: base thumbnail, dropped
-    meta = json.loads((PARITY / "image_500x300_r8" / "meta.json").read_text())
+    meta = json.loads((parity_path() / "image_500x300_r8" / "meta.json").read_text())
     assert pv.select_best_resolution((500, 300), processor.image_processor.grid_pinpoints) == tuple(
         meta["inputs"]["best_resolution_wh"])
     out = processor(text="<image>\nq", images=raw)
@@ -191,7 +191,7 @@ def test_image_tiles_parity(processor):
 
 
 def test_default_pinpoints_are_the_released_list():
-    config = json.loads((PARITY / "model" / "config.json").read_text())
+    config = json.loads((parity_path() / "model" / "config.json").read_text())
     assert pv.default_grid_pinpoints(336) == config["image_grid_pinpoints"]
 
 
