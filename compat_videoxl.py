@@ -2,7 +2,8 @@
 
 The model, config and scripts import the moving parts from here; nothing else checks versions. Each adapter is chosen
 by looking for the feature itself (a field, a method, a module attribute), not by comparing version numbers, so a
-patch release that back-ports a change is handled too. The version is read only by the guard below.
+patch release that back-ports a change is handled too. The version is read only by the guard and by
+`library_has` (features that cannot be probed, listed in `LIBRARY_FEATURES`).
 
 | what                          | before                              | from                                  |
 |-------------------------------|-------------------------------------|---------------------------------------|
@@ -26,8 +27,9 @@ import transformers  # noqa: F401 (the guard reads its version; every release im
 from packaging.version import Version
 
 
-SUPPORTED_RANGE = ">=5.0.0,<6"
-NEWEST_TESTED = "5.24.0"  # `make test` runs the newest; `make test-oldest` runs 5.0.0
+OLDEST = "5.0.0"  # the floor; requirements-oldest.txt pins the same release for `make test-oldest`
+NEWEST_TESTED = "5.24.0"  # requirements.txt
+SUPPORTED_RANGE = f">={OLDEST},<6"
 
 
 def check_transformers_version(installed: str | None = None) -> None:
@@ -35,11 +37,26 @@ def check_transformers_version(installed: str | None = None) -> None:
     `__version__`, read at call time) is outside it."""
     # Looked up at call time: transformers may replace its module object in `sys.modules` after import.
     installed = sys.modules["transformers"].__version__ if installed is None else installed
-    if not Version("5.0.0") <= Version(installed) < Version("6.0.0"):
+    if not Version(OLDEST) <= Version(installed) < Version("6.0.0"):
         raise ImportError(
-            f"Video-XL's remote code supports transformers{SUPPORTED_RANGE} (tested 5.0.0 to {NEWEST_TESTED}), but "
-            f"transformers {installed} is installed: pip install 'transformers{SUPPORTED_RANGE}'"
+            f"Video-XL's remote code supports transformers{SUPPORTED_RANGE} (tested {OLDEST} to {NEWEST_TESTED}), "
+            f"but transformers {installed} is installed: pip install 'transformers{SUPPORTED_RANGE}'"
         )
+
+
+# Library features that arrived inside the range for every model; nothing here can or should add them (that would be
+# copying library code). The README names them; tests ask `library_has` instead of comparing versions themselves.
+LIBRARY_FEATURES = {
+    # image-text-to-text pipeline: `processor_kwargs=` reach the processor for chat inputs (dropped before).
+    "pipeline_chat_processor_kwargs": "5.5.0",
+    # from_pretrained(device_map={"": "disk"}) dispatches (a single-device map was left undispatched before).
+    "disk_only_device_map": "5.13.0",
+}
+
+
+def library_has(feature: str) -> bool:
+    """Whether the installed transformers has one of `LIBRARY_FEATURES`."""
+    return Version(sys.modules["transformers"].__version__) >= Version(LIBRARY_FEATURES[feature])
 
 
 # Runs before anything below imports from transformers, so that an unsupported version fails here and not on a name
@@ -225,7 +242,9 @@ def offsets_in_caller_text(offset_mapping: list, replacements: list[dict]) -> li
 
 
 __all__ = [
+    "OLDEST",
     "SUPPORTED_RANGE",
+    "library_has",
     "CACHE_NAME",
     "ALL_ATTENTION_FUNCTIONS",
     "check_transformers_version",
