@@ -5,17 +5,17 @@ by looking for the feature itself (a field, a method, a module attribute), not b
 patch release that back-ports a change is handled too. The version is read only by the guard and by
 `library_has` (features that cannot be probed, listed in `LIBRARY_FEATURES`).
 
-| what                          | before                              | from                                  |
-|-------------------------------|-------------------------------------|---------------------------------------|
-| cache argument / output field | `past_key_values`                   | `cache` (5.24)                        |
-| `CLIPVisionModel` parameters  | under a `vision_model.` level       | no `vision_model.` level (5.6)        |
-| attention lookup              | `ALL_ATTENTION_FUNCTIONS[name]`     | `.get_interface(name, default)` (5.1) |
-| processor `apply_chat_template`| `__call__` options as keywords,     | `processor_kwargs=` (5.4), string     |
-|                               | list contents only                  | contents (5.7); assistant masks moved |
-|                               |                                     | past expanded placeholders (5.18)     |
-| activation checkpointing      | `gradient_checkpointing_enable()`,  | `activation_checkpointing_enable()`,  |
-|                               | `TrainingArguments(gradient_...)`   | `TrainingArguments(activation_...)`   |
-|                               |                                     | (5.23)                                |
+| what                            | before                            | from                                  |
+|---------------------------------|-----------------------------------|---------------------------------------|
+| cache argument / output field   | `past_key_values`                 | `cache` (5.24)                        |
+| `CLIPVisionModel` parameters    | under a `vision_model.` level     | no `vision_model.` level (5.6)        |
+| attention lookup                | `ALL_ATTENTION_FUNCTIONS[name]`   | `.get_interface(name, default)` (5.1) |
+| processor `apply_chat_template` | `__call__` options as keywords,   | `processor_kwargs=` (5.4); string     |
+|                                 | list contents only; assistant     | contents (5.7); masks moved past      |
+|                                 | masks from offsets in its text    | expanded placeholders (5.18)          |
+| activation checkpointing        | `gradient_checkpointing_enable()`,| `activation_checkpointing_enable()`,  |
+|                                 | `TrainingArguments(gradient_...)` | `TrainingArguments(activation_...)`   |
+|                                 |                                   | (5.23)                                |
 
 Configs became dataclasses (5.4) with `SubConfigSpec` sub-config declarations (5.20); the config here uses the
 `__init__` form that every 5.x release accepts for remote code, so it needs nothing from this file.
