@@ -127,7 +127,10 @@ def test_converted_repo_loads_with_auto_classes_and_pipeline(converted_parity, t
 
     pipe = pipeline("image-text-to-text", model=str(converted_parity), trust_remote_code=True, dtype=torch.float32)
     assert type(pipe.model).__name__ == "VideoXLForCausalLM"
-    out = pipe(text=messages, max_new_tokens=4, do_sample=False, return_tensors=True, processor_kwargs=processor_kwargs)
+    # Generation options go in generate_kwargs: the pipeline hands other keywords to the chat template, and
+    # transformers 5.5 - 5.21 then drop processor_kwargs in their favour.
+    out = pipe(text=messages, max_new_tokens=4, generate_kwargs={"do_sample": False}, return_tensors=True,
+               processor_kwargs=processor_kwargs)
     generated = torch.as_tensor(out[0]["generated_token_ids"])
     # Same prompt ids (the pipeline went through the processor's chat template and pixels) and the same answer.
     assert generated.tolist() == expected[0].tolist()
