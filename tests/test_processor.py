@@ -411,7 +411,7 @@ def test_corrupt_video(processor, videos, tmp_path):
         data[k] = int(rng.integers(0, 256))
     bad = tmp_path / "bad.mkv"
     bad.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"bad\.mkv.*PyAV"):
+    with pytest.raises(ValueError, match=r"bad\.mkv.*(truncated or corrupt|PyAV)"):
         processor.load_video(str(bad), num_frames=40)
 
 
@@ -593,3 +593,107 @@ def test_repo_root_loads_with_auto_processor():
     loaded = AutoProcessor.from_pretrained(ROOT, trust_remote_code=True)
     assert loaded.video_token_id == 151647 and loaded.image_token_id == 151646
     assert loaded.tokenizer.padding_side == "left" and loaded.padding_side == "left"
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers conventions: frames as given, file:// URLs, return_tensors, Auto classes, pipeline
+# ------------------------------------------------------------------------------------------------
+
+
+def test_in_memory_frames_are_used_as_given(processor):
+    """Like LLaVA-OneVision: 10 frames in -> 10 frames, 1,440 tokens; sampling only when asked."""
+    frames = np.stack([frame_pattern(i) for i in range(10)])
+    for video in (frames, torch.from_numpy(frames), [Image.fromarray(f) for f in frames], list(frames)):
+        out = processor(text="<video>", videos=video, return_tensors="pt", return_metadata=True)
+        assert out["pixel_values_videos"].shape == (1, 10, 3, 336, 336)
+        assert int((out["input_ids"] == processor.video_token_id).sum()) == 1440
+        assert out["video_metadata"][0].frames_indices == list(range(10))
+    expected = normalized(processor, np.stack([clip_crop_reference(f) for f in frames]))
+    assert np.array_equal(out["pixel_values_videos"][0].numpy(), expected)
+    asked = processor(text="<video>", videos=frames, num_frames=3, return_tensors="pt")
+    assert asked["pixel_values_videos"].shape == (1, 3, 3, 336, 336)
+    capped = processor(text="<video>", videos=frames, max_frames=4, return_tensors="pt", return_metadata=True)
+    assert capped["video_metadata"][0].frames_indices == [0, 3, 6, 9]
+    # through the chat template too (what the demo and the pipeline use)
+    messages = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "Q"}]}]
+    chat_out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    assert chat_out["pixel_values_videos"].shape == (1, 10, 3, 336, 336)
+
+
+def test_files_are_sampled_by_default_and_processor_defaults_apply(processor, videos):
+    out = processor(text="<video>", videos=str(videos["h264_mp4"]), return_tensors="pt")
+    assert out["pixel_values_videos"].shape[1] == 128  # the released evaluation setting
+    assert processor.video_processor is processor.image_processor  # frames take the image processor's fast path
+
+
+def test_file_urls(processor, videos, tmp_path):
+    path = videos["h264_mp4"]
+    direct, _ = processor.load_video(str(path), num_frames=3)
+    via_url, _ = processor.load_video(path.as_uri(), num_frames=3)
+    assert torch.equal(direct, via_url)
+    image_path = tmp_path / "a b.png"  # a space: the URL is percent-encoded
+    Image.fromarray(frame_pattern(4, 50, 70)).save(image_path)
+    a = processor(text="<image>", images=str(image_path), return_tensors="pt")["pixel_values"]
+    b = processor(text="<image>", images=image_path.as_uri(), return_tensors="pt")["pixel_values"]
+    assert torch.equal(a, b)
+    messages = [{"role": "user", "content": [{"type": "video", "url": path.as_uri()}, {"type": "text", "text": "Q"}]}]
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt", num_frames=3)
+    assert torch.equal(out["pixel_values_videos"][0], direct)
+
+
+def test_return_tensors_follows_the_library_default(processor):
+    video = np.stack([frame_pattern(i) for i in range(3)])
+    plain = processor(text=["<video> a", "b <video> c d"], videos=[video, video])
+    assert isinstance(plain["input_ids"], list) and isinstance(plain["input_ids"][0], list)
+    assert isinstance(plain["pixel_values_videos"], np.ndarray)
+    as_np = processor(text="<image>", images=frame_pattern(1), return_tensors="np")
+    assert isinstance(as_np["input_ids"], np.ndarray) and as_np["pixel_values"].dtype == np.float32
+    as_pt = processor(text="<video>", videos=video, return_tensors="pt")
+    assert torch.equal(as_pt["pixel_values_videos"], torch.from_numpy(processor(text="<video>", videos=video)[
+        "pixel_values_videos"]))
+
+
+def test_video_metadata_is_the_librarys_with_true_times(processor, videos):
+    from transformers.video_utils import VideoMetadata
+
+    _, times = decode_all(videos["vfr_mp4"])
+    _, meta = processor.load_video(str(videos["vfr_mp4"]), num_frames=4)
+    assert isinstance(meta, VideoMetadata)
+    assert meta.total_num_frames == 40 and meta.video_backend == "pyav"
+    assert (meta.width, meta.height) == (64, 48)
+    assert meta.timestamps == pytest.approx([times[i] for i in meta.frames_indices], abs=1e-6)
+    # the library's own rule (index / average fps) would be wrong on this variable-frame-rate file
+    assert [i / meta.fps for i in meta.frames_indices] != pytest.approx(meta.timestamps, abs=1e-3)
+
+
+@pytest.mark.parametrize("folder", [ROOT, ROOT / "demo" / "model"])
+def test_auto_image_processor_loads_ours(folder):
+    from transformers import AutoImageProcessor
+
+    image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(image_processor).__name__ == "VideoXLImageProcessor"
+    assert type(image_processor).__mro__[1].__name__.startswith("LlavaNextImageProcessor")
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = frame_pattern(3, 300, 500)
+    assert np.array_equal(image_processor(image, return_tensors="np")["pixel_values"],
+                          processor(text="<image>", images=image, return_tensors="np")["pixel_values"])
+
+
+def test_auto_image_processor_matches_parity():
+    from transformers import AutoImageProcessor
+
+    raw, expected = lut_pixels("image_500x300_r8", first=1)
+    out = AutoImageProcessor.from_pretrained(ROOT, trust_remote_code=True)(raw, return_tensors="np")
+    assert np.abs(out["pixel_values"] - expected).max() <= 1e-5
+    assert out["image_sizes"].tolist() == [[300, 500]] and out["num_tiles"].tolist() == [2]
+
+
+def test_pipeline_on_the_demo_model_with_an_image():
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(ROOT / "demo" / "model"), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(frame_pattern(2, 200, 300))},
+                                             {"type": "text", "text": "What colour?"}]}]
+    result = pipe(text=messages, max_new_tokens=2)
+    assert result[0]["generated_text"][-1]["role"] == "assistant"
+    assert isinstance(result[0]["generated_text"][-1]["content"], str)
