@@ -135,10 +135,6 @@ def choose_indices(total: int, times: np.ndarray | None, sampling: VideoSampling
         if times is None:
             raise ValueError(f"{name}: fps sampling needs frame times (pass video_fps= for in-memory videos)")
         count, what = fps_frame_count(times, sampling.fps), f"fps={sampling.fps:g} over {video_duration(times):.1f} s"
-        native = (total - 1) / float(times[-1]) if total > 1 and times[-1] > 0 else None
-        if native is not None and sampling.fps > native * 1.01:
-            logger.warning("%s: fps=%g is faster than the video's %.3g frames per second: frames will repeat",
-                           name, sampling.fps, native)
     else:
         count, what = int(sampling.num_frames), f"num_frames={sampling.num_frames}"
     if sampling.max_frames is not None and count > sampling.max_frames:
@@ -148,9 +144,14 @@ def choose_indices(total: int, times: np.ndarray | None, sampling: VideoSampling
         raise ValueError(f"{name}: {what} asks for {count} frames{memory}, more than {FRAME_BUDGET} without an "
                          f"explicit max_frames; pass max_frames=N to sample at most N frames (max_frames={count} "
                          "to take them all)")
-    if sampling.fps is not None:
-        return fps_indices(times, sampling.fps)
-    return uniform_indices(total, count)
+    if sampling.fps is None:
+        return uniform_indices(total, count)
+    native = (total - 1) / float(times[-1]) if total > 1 and times[-1] > 0 else None
+    if native is not None and sampling.fps > native * 1.01:
+        raise ValueError(f"{name}: fps={sampling.fps:g} is faster than the video's {native:.3g} frames per second: "
+                         f"{count} samples of {total} frames would only repeat them; pass fps <= {native:.3g} "
+                         "(or num_frames= to repeat frames on purpose)")
+    return fps_indices(times, sampling.fps)
 
 
 class VideoXLVideoMetadata(VideoMetadata):
