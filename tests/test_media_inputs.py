@@ -262,3 +262,36 @@ def test_rendered_prompt_is_unchanged_by_marking(processor):
     """tokenize=False returns the plain prompt (no private markers)."""
     prompt = processor.apply_chat_template(_video_message("a <video> tag"), tokenize=False)
     assert prompt.count("<video>") == 2 and "\U000f0000" not in prompt
+
+
+# ------------------------------------------------------------------------------------------------
+# reliability kept: no state across calls, threads == sequential, deepcopy independence
+# ------------------------------------------------------------------------------------------------
+
+
+def test_threads_equal_sequential_and_calls_leave_no_state(processor, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [write_video(tmp_path / f"v{i}.mp4", n_frames=12 + 4 * i) for i in range(4)]
+
+    def run(path):
+        return processor(text="<video> q", videos=str(path), num_frames=3, return_tensors="pt")
+
+    sequential = [run(path) for path in paths]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(run, paths))
+    for a, b in zip(sequential, threaded):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert all(torch.equal(run(paths[0])[key], sequential[0][key]) for key in sequential[0])
+    processor(text="<video>", videos=np.zeros((2, 8, 8, 3), np.uint8), num_frames=2, fps=None)  # options don't stick
+    assert processor.num_frames == 128 and processor.fps is None
+
+
+def test_deepcopy_is_independent(processor):
+    import copy
+
+    clone = copy.deepcopy(processor)
+    clone.num_frames, clone.allow_remote_urls = 4, False
+    clone.image_processor.image_grid_pinpoints = [[336, 672]]
+    assert processor.num_frames == 128 and processor.allow_remote_urls is True
+    assert len(processor.image_processor.image_grid_pinpoints) > 1
