@@ -68,6 +68,8 @@ class VideoXLVideosKwargs(VideosKwargs, total=False):
 
 class VideoXLProcessorKwargs(ProcessingKwargs, total=False):
     videos_kwargs: VideoXLVideosKwargs
+    # Batches of prompts of different lengths pad by default. (`_defaults` is read by every 5.x release;
+    # 5.24 also reads class attributes of the processor.)
     _defaults = {"text_kwargs": {"padding": True}}
 
 

@@ -46,3 +46,13 @@ VideoXLForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 def processing():
     """The processor module (imported on demand: it needs PyAV and the tokenizer files)."""
     return importlib.import_module("videoxl.processing_videoxl")
+
+
+def image_processing():
+    """The image processor module (anyres tiles, CLIP-336 frames)."""
+    return importlib.import_module("videoxl.image_processing_videoxl")
+
+
+def video_decoding():
+    """The video decoding module (frame sampling, the seeking PyAV decoder); needs PyAV."""
+    return importlib.import_module("videoxl.video_decoding_videoxl")

@@ -3,7 +3,6 @@
 Every file is written with PyAV inside the test (tests/_video_files.py).
 """
 
-import importlib
 import logging
 import tracemalloc
 from fractions import Fraction
@@ -15,11 +14,11 @@ import torch
 from PIL import Image
 
 from _video_files import decode_all, frame_pattern, write_video
-from scripts.local_import import REPO_ROOT, processing
+from scripts.local_import import REPO_ROOT, processing, video_decoding
 
 
 pv = processing()
-vdv = importlib.import_module("videoxl.video_decoding_videoxl")
+vdv = video_decoding()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 findings 3 (EXIF), 7, 8 and the media parts of 9)."""
 
 import http.server
-import importlib
 import io
 import socket
 import threading
@@ -14,11 +13,11 @@ import torch
 from PIL import Image, ImageOps
 
 from _video_files import frame_pattern, write_video
-from scripts.local_import import REPO_ROOT, processing
+from scripts.local_import import REPO_ROOT, image_processing, processing
 
 
 pv = processing()
-ipv = importlib.import_module("videoxl.image_processing_videoxl")
+ipv = image_processing()
 IM_START = 151644
 
 

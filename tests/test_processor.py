@@ -6,7 +6,6 @@ against the original Video-XL's own outputs in ../shared/parity.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
@@ -23,11 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import AddedToken, AutoProcessor, PreTrainedTokenizerFast, Qwen2Tokenizer  # noqa: E402
 
-from scripts.local_import import processing  # noqa: E402
+from scripts.local_import import image_processing, processing  # noqa: E402
 
 pv = processing()
-ipv = importlib.import_module("videoxl.image_processing_videoxl")
-vdv = importlib.import_module("videoxl.video_decoding_videoxl")
+ipv = image_processing()
 from _video_files import (  # noqa: E402
     decode_all,
     frame_pattern,
