@@ -29,6 +29,8 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.image_transforms import divide_to_patches
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .video_decoding_videoxl import DEFAULT_URL_TIMEOUT, fetch_url, is_remote_url, local_path
+
 
 try:  # transformers >= 5.5 names the PIL/numpy backend explicitly ...
     from transformers.models.llava_next.image_processing_pil_llava_next import (
@@ -43,7 +45,7 @@ MAX_TILES = 49
 # A frame's resized long side beyond this many crop sides is never built whole (see `resize_crop`).
 MAX_RESIZED_ASPECT = 16
 
-ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | bytes | str | os.PathLike (local file)
+ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | bytes | str | os.PathLike
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,13 +140,28 @@ def open_image_file(path: str | os.PathLike, what: str) -> Image.Image:
         raise ValueError(f"cannot read image {text}: {err}") from err
 
 
+def load_image_source(image: ImageLike, what: str, url_timeout: float = DEFAULT_URL_TIMEOUT,
+                      allow_remote: bool = True) -> ImageLike:
+    """http(s) URLs -> PIL images (within `url_timeout` s, refused unless `allow_remote`), `file://` URLs
+    -> paths, `data:` URLs decoded; any other input as given."""
+    if not isinstance(image, str):
+        return image
+    if is_remote_url(image):
+        return open_image_bytes(fetch_url(image, url_timeout, allow_remote), f"{what} ({image})")
+    if image.startswith("data:"):
+        from transformers.image_utils import load_image  # base64 only: no network, no torchvision
+
+        return load_image(image)
+    return local_path(image)
+
+
 def to_rgb_image(image: ImageLike, what: str = "image") -> Image.Image:
     """Convert one image input to an upright RGB PIL image.
 
     Accepted: PIL images of any mode; numpy [H, W], [H, W, C] (or [C, H, W]) uint8 or float in [0, 1];
-    torch [C, H, W] (or [H, W, C]); bytes of an encoded image; a local path. (URLs are fetched by the
-    processor, which owns the network policy.) Raises ValueError for a zero side, a truncated or
-    unreadable file, FileNotFoundError for a missing file.
+    torch [C, H, W] (or [H, W, C]); bytes of an encoded image; a local path (URLs: `load_image_source`
+    first). Raises ValueError for a zero side, a truncated or unreadable file, FileNotFoundError for a
+    missing file.
     """
     if isinstance(image, Image.Image):
         return pil_to_rgb(image, what)
@@ -213,7 +230,6 @@ class VideoXLImageProcessor(_LlavaNextPilImageProcessor):
         super().__init__(**kwargs)
         if self.image_grid_pinpoints is None:
             self.image_grid_pinpoints = default_grid_pinpoints(self.tile_size)
-        self._lut = normalization_lut(self.image_mean, self.image_std)
 
     @property
     def tile_size(self) -> int:
@@ -225,7 +241,8 @@ class VideoXLImageProcessor(_LlavaNextPilImageProcessor):
 
     def preprocess(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
         """Images (or per-sample lists of images) -> pixel_values, image_sizes, num_tiles (see class doc)."""
-        rgb = [to_rgb_image(image, what=f"image {i}") for i, image in enumerate(flatten_images(images))]
+        rgb = [to_rgb_image(load_image_source(image, f"image {i}"), f"image {i}")
+               for i, image in enumerate(flatten_images(images))]
         return_tensors = kwargs.pop("return_tensors", None)
         kwargs.pop("do_pad", None)
         out = super().preprocess(rgb, *args, do_pad=False, return_tensors=None, **kwargs)
@@ -289,31 +306,23 @@ class VideoXLImageProcessor(_LlavaNextPilImageProcessor):
             kept = narrow.resize((s, s), Image.Resampling.BICUBIC, box=(0, top * scale, s, (top + s) * scale))
         return np.asarray(kept).transpose(2, 0, 1).copy()
 
-    def normalize_into(self, out: torch.Tensor, crop_u8: np.ndarray) -> None:
-        """Write lut[c, crop_u8[c]] into float32 `out` [3, S, S] (a CPU tensor, written in place).
+    def frames_to_pixels(self, crops_u8: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """Crops from `resize_crop`, uint8 [F, 3, S, S] (or a list of [3, S, S]) -> float32 [F, 3, S, S],
+        CLIP-normalized.
 
-        numpy's single-threaded gather: torch's is ~20x slower here when other processes hold the
-        cores (its intra-op threads then spin), and it would need an int64 copy of the index.
+        A table lookup per pixel with numpy's single-threaded gather: torch's is ~20x slower here when
+        other processes hold the cores (its intra-op threads then spin), and it would need an int64
+        copy of the index.
         """
-        target = out.numpy()
-        for channel in range(3):  # uint8 indices are always < 256: "clip" skips the bounds check
-            np.take(self._lut[channel], crop_u8[channel], out=target[channel], mode="clip")
-
-    def normalize_crops(self, crops_u8: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
-        """uint8 [N, 3, S, S] (or a list of [3, S, S]) -> float32 [N, 3, S, S]."""
-        s = self.tile_size
-        out = torch.empty((len(crops_u8), 3, s, s), dtype=torch.float32)
+        s, lut = self.tile_size, normalization_lut(self.image_mean, self.image_std)
+        out = np.empty((len(crops_u8), 3, s, s), dtype=np.float32)
         for slot, crop in enumerate(crops_u8):
-            self.normalize_into(out[slot], crop)
-        return out
-
-    def frames_to_pixels(self, crops_u8: Sequence[np.ndarray]) -> torch.Tensor:
-        """Crops from `resize_crop` -> float32 [F, 3, S, S] CLIP-normalized pixel values."""
-        return self.normalize_crops(crops_u8)
+            for channel in range(3):  # uint8 indices are always < 256: "clip" skips the bounds check
+                np.take(lut[channel], crop[channel], out=out[slot, channel], mode="clip")
+        return torch.from_numpy(out)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        output.pop("_lut", None)
         if output.get("image_grid_pinpoints") == default_grid_pinpoints(self.tile_size):
             output["image_grid_pinpoints"] = None  # 1,100 numbers that `__init__` derives from the tile size
         return output
@@ -332,4 +341,5 @@ def flatten_images(images: Any) -> list[Any]:
 
 VideoXLImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["VideoXLImageProcessor", "default_grid_pinpoints", "normalization_lut", "to_rgb_image"]
+__all__ = ["VideoXLImageProcessor", "default_grid_pinpoints", "load_image_source", "normalization_lut",
+           "to_rgb_image"]

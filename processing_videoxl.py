@@ -27,7 +27,7 @@ from .image_processing_videoxl import (
     VideoXLImageProcessor,
     default_grid_pinpoints,
     flatten_images,
-    open_image_bytes,
+    load_image_source,
     to_rgb_image,
 )
 from .video_decoding_videoxl import (
@@ -35,10 +35,7 @@ from .video_decoding_videoxl import (
     DEFAULT_URL_TIMEOUT,
     VideoSampling,
     VideoXLVideoMetadata,
-    fetch_url,
     in_memory_frames,
-    is_remote_url,
-    local_path,
     read_video_frames,
     sample_frames_in_memory,
     source_name,
@@ -169,8 +166,8 @@ class VideoXLProcessor(ProcessorMixin):
         elif text is not None:
             text = list(text)
         if images is not None:
-            images = [to_rgb_image(self._load_image_source(image, f"image {i}"), f"image {i}")
-                      for i, image in enumerate(flatten_images(images))]
+            images = [to_rgb_image(load_image_source(image, f"image {i}", self.url_timeout, self.allow_remote_urls),
+                                   f"image {i}") for i, image in enumerate(flatten_images(images))]
         return images, text, videos, None
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs) -> None:
@@ -309,18 +306,6 @@ class VideoXLProcessor(ProcessorMixin):
         if do_sample is False and asked:
             raise ValueError(f"do_sample_frames=False keeps in-memory frames as given; it contradicts {asked}")
         return sampling, (sampling if asked or do_sample else None)
-
-    def _load_image_source(self, image: Any, what: str) -> Any:
-        """URLs -> PIL images (under the network policy), `file://` -> paths; anything else as given."""
-        if isinstance(image, str):
-            if is_remote_url(image):
-                return open_image_bytes(fetch_url(image, self.url_timeout, self.allow_remote_urls), f"{what} ({image})")
-            if image.startswith("data:"):
-                from transformers.image_utils import load_image  # base64 only: no network, no torchvision
-
-                return load_image(image)
-            return local_path(image)
-        return image
 
     def _load_video(self, video: Any, file_sampling: VideoSampling, memory_sampling: VideoSampling | None,
                     name: str) -> tuple[torch.Tensor, VideoXLVideoMetadata]:

@@ -84,7 +84,7 @@ def test_cut_matroska_is_an_error_naming_the_seconds_missing(processor, tmp_path
     data = mkv.read_bytes()
     cut = tmp_path / "cut.mkv"
     cut.write_bytes(data[: len(data) * 6 // 10])
-    with pytest.raises(ValueError, match=r"cut\.mkv: .*its frames cover \d+\.\d s of the 10\.0 s its container declares"):
+    with pytest.raises(ValueError, match=r"cut\.mkv: .*its frames cover \d+\.\d s of the 10\.0 s its container "):
         processor.load_video(str(cut), num_frames=4)
 
 

@@ -181,6 +181,8 @@ def test_urls_are_fetched(processor, http_server):
     assert torch.equal(out["pixel_values_videos"][0], direct)
     assert torch.equal(out["pixel_values"], processor(text="<image>", images=frame_pattern(3, 60, 90),
                                                       return_tensors="pt")["pixel_values"])
+    alone = processor.image_processor(f"{base}/a.png", return_tensors="pt")  # AutoImageProcessor users too
+    assert torch.equal(alone["pixel_values"], out["pixel_values"])
 
 
 def test_missing_url_names_it(processor, http_server):

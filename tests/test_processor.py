@@ -266,9 +266,11 @@ def test_numpy_torch_path_bytes_images_agree(processor, tmp_path):
                 str(path), path, path.read_bytes(), Image.fromarray(array), array.astype(np.float32) / 255]
     ref = processor(return_tensors="pt", text="<image>", images=Image.fromarray(array))["pixel_values"]
     for variant in variants:
-        assert torch.equal(processor(return_tensors="pt", text="<image>", images=variant)["pixel_values"], ref), type(variant)
+        out = processor(text="<image>", images=variant, return_tensors="pt")
+        assert torch.equal(out["pixel_values"], ref), type(variant)
     gray = processor(return_tensors="pt", text="<image>", images=array[..., 0])["pixel_values"]
-    assert torch.equal(gray, processor(return_tensors="pt", text="<image>", images=Image.fromarray(array[..., 0]))["pixel_values"])
+    gray_pil = processor(text="<image>", images=Image.fromarray(array[..., 0]), return_tensors="pt")
+    assert torch.equal(gray, gray_pil["pixel_values"])
 
 
 @pytest.mark.parametrize("image", [np.zeros((0, 10, 3), np.uint8), torch.zeros(3, 10, 0, dtype=torch.uint8),
@@ -473,8 +475,8 @@ def test_truncation_is_an_error(processor):
 def test_batch_left_padding_and_order(processor):
     a = np.stack([frame_pattern(i) for i in range(3)])
     b = np.stack([frame_pattern(100 + i) for i in range(3)])
-    out = processor(return_tensors="pt", text=["<video>\nshort", "a much longer question here <video>\n"], videos=[[a], [b]],
-                    num_frames=2)
+    texts = ["<video>\nshort", "a much longer question here <video>\n"]
+    out = processor(text=texts, videos=[[a], [b]], num_frames=2, return_tensors="pt")
     assert out["pixel_values_videos"].shape == (2, 2, 3, 336, 336)
     assert torch.equal(out["pixel_values_videos"][0], processor.load_video(a, num_frames=2)[0])
     assert torch.equal(out["pixel_values_videos"][1], processor.load_video(b, num_frames=2)[0])
@@ -482,14 +484,14 @@ def test_batch_left_padding_and_order(processor):
     assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()
     assert out["input_ids"][0, 0] == processor.tokenizer.pad_token_id
     assert ((out["input_ids"] == processor.video_token_id).sum(1) == 2 * TOKENS).all()
-    right = processor(return_tensors="pt", text=["<video>\nshort", "a much longer question here <video>\n"], videos=[a, b],
-                      num_frames=2, padding_side="right")
+    right = processor(text=texts, videos=[a, b], num_frames=2, padding_side="right", return_tensors="pt")
     assert right["attention_mask"][0, 0] == 1 and right["attention_mask"][0, -1] == 0
 
 
 def test_batch_different_frame_counts_concatenates(processor):
     a, b = np.stack([frame_pattern(i) for i in range(4)]), np.stack([frame_pattern(i) for i in range(10)])
-    out = processor(return_tensors="pt", text=["<video>", "<video>"], videos=[a, b], fps=1, video_fps=2, return_metadata=True)
+    out = processor(text=["<video>", "<video>"], videos=[a, b], fps=1, video_fps=2, return_metadata=True,
+                    return_tensors="pt")
     assert [m["frames_indices"] for m in out["video_metadata"]] == [[0, 2], [0, 2, 4, 6, 8]]
     assert out["pixel_values_videos"].shape == (7, 3, 336, 336)
     assert ((out["input_ids"] == processor.video_token_id).sum(1) == torch.tensor([2, 5]) * TOKENS).all()
@@ -498,7 +500,8 @@ def test_batch_different_frame_counts_concatenates(processor):
 def test_images_and_videos_together(processor):
     video = np.stack([frame_pattern(i) for i in range(5)])
     wide, tall = np.zeros((300, 700, 3), np.uint8), np.zeros((700, 300, 3), np.uint8)
-    out = processor(return_tensors="pt", text=["<image> and <video>", "<image>"], images=[[wide], [tall]], videos=[video], num_frames=3)
+    out = processor(text=["<image> and <video>", "<image>"], images=[[wide], [tall]], videos=[video], num_frames=3,
+                    return_tensors="pt")
     assert out["pixel_values"].shape == (6, 3, 336, 336)  # 3x1 tiles + 1x3 tiles
     assert out["image_sizes"].tolist() == [[300, 700], [700, 300]]
     counts = (out["input_ids"] == processor.image_token_id).sum(1).tolist()
@@ -509,7 +512,8 @@ def test_images_and_videos_together(processor):
 def test_metadata_only_on_request_and_survives_to(processor):
     video = np.stack([frame_pattern(i) for i in range(5)])
     assert "video_metadata" not in processor(return_tensors="pt", text="<video>", videos=video, num_frames=2)
-    out = processor(return_tensors="pt", text="<video>", videos=video, num_frames=2, return_metadata=True).to(torch.float16)
+    out = processor(text="<video>", videos=video, num_frames=2, return_metadata=True, return_tensors="pt")
+    out = out.to(torch.float16)
     assert out["pixel_values_videos"].dtype == torch.float16
     assert out["video_metadata"][0]["frames_indices"] == [0, 4]
 
