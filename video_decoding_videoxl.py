@@ -460,8 +460,7 @@ _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 27
 
 def display_rotation(frame: Any) -> int:
     """Counter-clockwise degrees (0, 90, 180, 270) the frame's display matrix turns it by."""
-    degrees = getattr(frame, "rotation", 0) or 0
-    return int(round(degrees / 90.0)) * 90 % 360
+    return int(round((frame.rotation or 0) / 90.0)) * 90 % 360
 
 
 def upright_image(frame: Any) -> Image.Image:
