@@ -12,7 +12,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The flat files a model directory needs beside its weights for `trust_remote_code`.
-CODE_FILES = ("configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py", "processing_videoxl.py")
+CODE_FILES = (
+    "configuration_videoxl.py",
+    "modeling_videoxl.py",
+    "beacon_cache.py",
+    "processing_videoxl.py",
+    "image_processing_videoxl.py",
+    "video_decoding_videoxl.py",
+)
 
 
 def _register_package() -> None:
@@ -39,3 +46,13 @@ VideoXLForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 def processing():
     """The processor module (imported on demand: it needs PyAV and the tokenizer files)."""
     return importlib.import_module("videoxl.processing_videoxl")
+
+
+def image_processing():
+    """The image processor module (anyres tiles, CLIP-336 frames)."""
+    return importlib.import_module("videoxl.image_processing_videoxl")
+
+
+def video_decoding():
+    """The video decoding module (frame sampling, the seeking PyAV decoder); needs PyAV."""
+    return importlib.import_module("videoxl.video_decoding_videoxl")
