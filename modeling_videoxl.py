@@ -30,8 +30,9 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers.utils import logging
 
-from .beacon_cache import BeaconCache
+from .beacon_cache import BeaconCache, frame_digests, model_identity
 from .configuration_videoxl import VideoXLConfig
+from .session_videoxl import LiveVideo, chat
 
 
 logger = logging.get_logger(__name__)
@@ -484,14 +485,17 @@ class VideoXLModel(VideoXLPreTrainedModel):
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         base: torch.Tensor,
-    ) -> torch.Tensor:
-        """Run every layer on one step and keep, per layer, what the keep rule keeps."""
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run every layer on one step against the memory. Returns the hidden states and, per layer, the (keys,
+        values) the keep rule keeps; the caller commits them to the cache together, so a step lands in every layer
+        or in none. Only kept rows are held until then, never a window's raw keys and values."""
         position_embeddings = self.rotary_emb(hidden_states, positions)
         vst_rows, kept_position_embeddings = None, None
         if step.is_window:
             vst_rows = step.vst_rows(hidden_states.device)
             kept_positions = base[:, None] + torch.arange(step.num_vsts, device=base.device)
             kept_position_embeddings = self.rotary_emb(hidden_states, kept_positions)
+        kept = []
         for layer_idx, layer in enumerate(self.layers):
             past_keys, past_values = cache.memory(layer_idx)
             hidden_states, kept_keys, kept_values = layer(
@@ -503,8 +507,15 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 vst_rows,
                 kept_position_embeddings,
             )
-            cache.keep(layer_idx, kept_keys, kept_values)
-        return hidden_states
+            kept.append((kept_keys, kept_values))
+        return hidden_states, kept
+
+    def window_digests(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Fingerprints `[batch, frames, 2]` of the frames that start inside a window (see `frame_digests`)."""
+        per_frame = self.config.tokens_per_frame
+        first, end = -(-visual_offset // per_frame), -(-(visual_offset + step.end - step.start) // per_frame)
+        per_sample = pixels.reshape(batch_size, -1, *pixels.shape[-3:])
+        return torch.stack([frame_digests(sample[first:end]) for sample in per_sample])
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
@@ -536,6 +547,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
         cache = cache if cache is not None else BeaconCache(len(self.layers))
+        cache.bind(model_identity(self.config))
         visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
         steps = plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
         valid = self.input_validity(attention_mask, input_ids)
@@ -549,14 +561,19 @@ class VideoXLModel(VideoXLPreTrainedModel):
             base = torch.zeros(batch, dtype=torch.long, device=input_ids.device) if base is None else base
             mask = self.step_mask(row_valid, cache.key_mask, hidden_states.dtype)
             positions = self.step_positions(step, row_valid, base)
-            hidden_states = self.run_layers(hidden_states, cache, step, positions, mask, base)
-            cache.keep_mask(row_valid[:, step.vst_rows(input_ids.device)] if step.is_window else row_valid)
+            hidden_states, kept = self.run_layers(hidden_states, cache, step, positions, mask, base)
+            step_ids = input_ids[:, step.start : step.end]
             if step.is_window:
+                offset = visual_seen[step.token_id]
+                digests = (step.token_id, self.window_digests(step, offset, visual_inputs[step.token_id], batch))
+                kept_valid = row_valid[:, step.vst_rows(input_ids.device)]
+                cache.commit(kept, kept_valid, step_ids, ratio=step.ratio, digests=digests)
                 visual_seen[step.token_id] += step.end - step.start
+            else:
+                cache.commit(kept, row_valid, step_ids)
             wanted = columns[(columns >= step.start) & (columns < step.end)]
             if wanted.numel():
                 outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
-        cache.seen_tokens += length
         return BaseModelOutputWithPast(last_hidden_state=torch.cat(outputs, dim=1) if outputs else None, cache=cache)
 
     # ---- input handling ----------------------------------------------------------------------------------------
@@ -655,6 +672,28 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     def seed_compression_ratios(self, seed: int) -> None:
         self.model.seed_compression_ratios(seed)
 
+    # ---- sessions ----------------------------------------------------------------------------------------------
+
+    def chat(
+        self, processor, messages: list[dict], cache: BeaconCache | None = None, **generate_kwargs
+    ) -> tuple[str, BeaconCache]:
+        """Answer the last user turn of `messages` (chat-template turns with text, video and image items).
+
+        Returns the answer text and the cache, which holds the conversation so far. Pass that cache back with the
+        next call on the same conversation: only the new tokens run, and videos/images the cache holds are not
+        decoded or encoded again. A new question about the same video (same messages before it) rewinds the text
+        after the video memory; a follow-up (the earlier question and answer kept in `messages`) continues it. A
+        cache about other videos, images or earlier text is refused with a `ValueError`.
+
+        `generate_kwargs` go to `generate` (greedy unless `do_sample=True`; `compression_ratio`, `max_new_tokens`
+        ...) except the processor's frame sampling options `num_frames`, `fps`, `max_frames`, `video_fps`.
+        """
+        return chat(self, processor, messages, cache, **generate_kwargs)
+
+    def live(self, processor, compression_ratio: int | None = None, system: str | None = None) -> LiveVideo:
+        """A [`LiveVideo`]: feed frames of a growing or endless video as they arrive, ask questions at any time."""
+        return LiveVideo(self, processor, compression_ratio=compression_ratio, system=system)
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -732,16 +771,66 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
-        """Feed only the columns the cache has not absorbed; pixels only while visual tokens are among them."""
-        seen = cache.seen_tokens if isinstance(cache, BeaconCache) else 0
-        model_inputs = {"input_ids": input_ids[:, seen:], "cache": cache, "attention_mask": attention_mask}
+        """Feed only the columns the cache has not absorbed, with the pixels of the visual tokens among them.
+
+        A reused cache must be continued: `input_ids` start with the ids it absorbed (else a `ValueError`). Pixels
+        may cover every visual token of `input_ids` (the frames the cache holds are then checked against it, on the
+        first call of a `generate`, and skipped) or only those not absorbed yet.
+        """
+        seen = 0
+        if isinstance(cache, BeaconCache):
+            cache.check_continues(input_ids)
+            seen = cache.seen_tokens
+        new_ids = input_ids[:, seen:]
+        if new_ids.shape[1] == 0:
+            raise ValueError(
+                f"nothing to run: input_ids has {input_ids.shape[1]} columns and the cache has absorbed all of them. "
+                "Pass the prompt with at least one new token (or cache.rewind(n) to an earlier point in text)."
+            )
+        model_inputs = {"input_ids": new_ids, "cache": cache, "attention_mask": attention_mask}
         for key, value in kwargs.items():
             if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds"):
                 continue
-            if key in VISUAL_INPUT_NAMES and seen > 0:
+            if key in VISUAL_INPUT_NAMES:
                 continue
             model_inputs[key] = value
+        model_inputs.update(self.unabsorbed_visual_inputs(input_ids, seen, cache, kwargs))
         return model_inputs
+
+    def unabsorbed_visual_inputs(
+        self, input_ids: torch.Tensor, seen: int, cache: BeaconCache | None, kwargs: dict
+    ) -> dict[str, torch.Tensor]:
+        """The pixels of the visual tokens in `input_ids[:, seen:]` (see `prepare_inputs_for_generation`)."""
+        batch, per_frame = input_ids.shape[0], self.config.tokens_per_frame
+        inputs = {}
+        if seen == 0 and kwargs.get("image_sizes") is not None:
+            inputs["image_sizes"] = kwargs["image_sizes"]
+        for name, token_id in (
+            ("pixel_values_videos", self.config.video_token_id),
+            ("pixel_values", self.config.image_token_id),
+        ):
+            pixels = kwargs.get(name)
+            if pixels is None:
+                continue
+            total = int((input_ids == token_id).sum()) // batch
+            new = int((input_ids[:, seen:] == token_id).sum()) // batch
+            absorbed = total - new
+            frames = pixels.reshape(batch, -1, *pixels.shape[-3:]) if pixels.numel() else pixels
+            given = pixels.reshape(-1, *pixels.shape[-3:]).shape[0] // batch * per_frame
+            if absorbed and given == total:
+                if absorbed % per_frame:
+                    raise ValueError(f"the cache ends inside a frame of {name} ({absorbed} tokens absorbed)")
+                if kwargs.get("is_first_iteration"):
+                    cache.check_frames(token_id, frames)
+                pixels = frames[:, absorbed // per_frame :].reshape(-1, *pixels.shape[-3:])
+            elif absorbed and given != new:
+                raise ValueError(
+                    f"{name} holds {given // per_frame} frames per sample: expected the frames of all "
+                    f"{total // per_frame} in input_ids, or of the {new // per_frame} the cache has not absorbed yet"
+                )
+            if new or not absorbed:
+                inputs[name] = pixels
+        return inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         """Repeat each sample's frames with the sample (the library's repeat would interleave frames of a video)."""

@@ -12,7 +12,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The flat files a model directory needs beside its weights for `trust_remote_code`.
-CODE_FILES = ("configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py", "processing_videoxl.py")
+CODE_FILES = ("configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py", "session_videoxl.py",
+              "processing_videoxl.py")
 
 
 def _register_package() -> None:
