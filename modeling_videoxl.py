@@ -88,6 +88,17 @@ def memory_causal_attention(
     return out.transpose(1, 2)
 
 
+def check_beacon_cache(cache) -> BeaconCache:
+    """Refuse a cache that is not a [`BeaconCache`] (by its interface: a remote-code model and the user may hold
+    two copies of the class)."""
+    if not all(hasattr(cache, name) for name in ("absorbed_ids", "commit", "check_continues")):
+        raise ValueError(
+            f"Video-XL keeps its memory in a BeaconCache, got {type(cache).__name__}: pass cache=None (generate and "
+            "forward create one; reuse `output.cache`) or a cache returned by an earlier call"
+        )
+    return cache
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on `x` `[batch, heads, rows, head_dim]` with `cos`/`sin` `[batch, rows, head_dim]`."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -546,7 +557,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
-        cache = cache if cache is not None else BeaconCache(len(self.layers))
+        cache = check_beacon_cache(cache) if cache is not None else BeaconCache(len(self.layers))
         cache.bind(model_identity(self.config))
         visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
         steps = plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
@@ -778,7 +789,8 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         first call of a `generate`, and skipped) or only those not absorbed yet.
         """
         seen = 0
-        if isinstance(cache, BeaconCache):
+        if cache is not None:
+            check_beacon_cache(cache)
             cache.check_continues(input_ids)
             seen = cache.seen_tokens
         new_ids = input_ids[:, seen:]

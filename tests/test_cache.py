@@ -279,3 +279,13 @@ def test_save_then_load_in_a_fresh_process_gives_the_same_answer(tmp_path):
     result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "memory.safetensors"),
                              str(tmp_path / "ids.pt")], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == str(here[0, question.shape[1]:].tolist())
+
+
+def test_a_cache_of_another_kind_is_refused():
+    from transformers import DynamicCache
+
+    model, ids = tiny_model(), video_prompt(2)
+    with pytest.raises(ValueError, match="BeaconCache"):
+        model.generate(ids, pixel_values_videos=random_frames(2), cache=DynamicCache(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="BeaconCache"):
+        model(ids, pixel_values_videos=random_frames(2), cache=DynamicCache())
