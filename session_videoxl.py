@@ -258,7 +258,7 @@ class LiveVideo:
         encoded, compressed and its pixels freed."""
         pixels = self.processor(videos=[[frame]], num_frames=1, return_tensors="pt")["pixel_values_videos"]
         with self.lock:
-            self.pending.append(pixels.reshape(-1, *pixels.shape[-3:]))
+            self.pending.append(pixels.reshape(pixels.shape[-3:]))
             self.times.append(timestamp)
             if len(self.pending) == self.frames_per_window:
                 self._encode_pending()
