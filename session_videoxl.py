@@ -323,25 +323,23 @@ class LiveVideo:
         )
 
 
-def read_live_frames(source: Any, fps: float = 1.0, realtime: bool = False) -> Iterable[tuple[float, Any]]:
+def read_live_frames(source: Any, fps: float = 1.0, pace: float | None = None) -> Iterable[tuple[float, Any]]:
     """(seconds, RGB `[H, W, 3]` uint8 array) of a video read with PyAV, sampled at `fps`, as the frames arrive:
-    a file, a pipe, or a stream URL PyAV can open (rtsp://, http://, ...). `realtime=True` paces a file as if it
-    were live (waits until each frame's time has come)."""
+    a file, a pipe, or a stream URL PyAV can open (rtsp://, http://, ...). `pace` plays a file as if it were live:
+    `pace` seconds of video per second of wall time (1.0 = real time); None reads as fast as it decodes."""
     import time
 
     import av
 
-    if fps <= 0:
+    if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    start = time.monotonic()
-    next_time = 0.0
+    start, next_time = time.monotonic(), 0.0
     with av.open(source) as container:
-        stream = container.streams.video[0]
-        for frame in container.decode(stream):
+        for frame in container.decode(container.streams.video[0]):
             if frame.time is None or frame.time + 1e-6 < next_time:
                 continue
-            if realtime:
-                time.sleep(max(0.0, frame.time - (time.monotonic() - start)))
+            if pace:
+                time.sleep(max(0.0, frame.time / pace - (time.monotonic() - start)))
             yield frame.time, frame.to_ndarray(format="rgb24")
             next_time += 1.0 / fps
 

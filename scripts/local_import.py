@@ -27,6 +27,7 @@ _register_package()
 configuration = importlib.import_module("videoxl.configuration_videoxl")
 modeling = importlib.import_module("videoxl.modeling_videoxl")
 cache = importlib.import_module("videoxl.beacon_cache")
+session = importlib.import_module("videoxl.session_videoxl")
 
 VideoXLConfig = configuration.VideoXLConfig
 VideoXLForCausalLM = modeling.VideoXLForCausalLM

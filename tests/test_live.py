@@ -1,6 +1,5 @@
 """Live video: frames fed one by one, a window at a time, answer as one prompt holding the same frames does."""
 
-import importlib
 import threading
 
 import numpy as np
@@ -10,9 +9,9 @@ import torch
 from demo.qa import load
 from demo.run import BUNDLED_MODEL
 from demo.synth import make_sample, write_video
-import scripts.local_import  # noqa: F401  (registers the `videoxl` package)
+from scripts.local_import import session
 
-read_live_frames = importlib.import_module("videoxl.session_videoxl").read_live_frames
+read_live_frames = session.read_live_frames
 
 QUESTION = "What colour was the star?"
 
@@ -89,3 +88,15 @@ def test_a_video_file_read_as_a_live_stream_samples_frames_by_time(demo, frames,
     assert live.frames == 6 and live.cache.media[0]["timestamps"] == []  # no window finished yet
     with pytest.raises(ValueError, match="fps must be positive"):
         list(read_live_frames(str(path), fps=0))
+
+
+def test_the_live_demo_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from scripts.local_import import REPO_ROOT
+
+    result = subprocess.run([sys.executable, "-m", "demo.live", "--frames", "24", "--pace", "100"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path)})
+    assert result.stdout.count("->") == 2 and "fed 24 frames" in result.stdout
