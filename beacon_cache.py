@@ -351,7 +351,9 @@ class BeaconCache(Cache):
             tensors[f"layers.{i}.keys"] = layer.keys.contiguous()
             tensors[f"layers.{i}.values"] = layer.values.contiguous()
         tensors["valid"] = self.key_mask.to(torch.uint8).contiguous()
-        tensors["absorbed_ids"] = self.absorbed_ids.contiguous()
+        # Run-length encoded over columns: a video is one long run of the same id.
+        runs, lengths = torch.unique_consecutive(self.absorbed_ids, dim=1, return_counts=True)
+        tensors["absorbed_ids.runs"], tensors["absorbed_ids.lengths"] = runs.contiguous(), lengths
         for token_id, digests in self.frame_digests.items():
             tensors[f"frame_digests.{token_id}"] = digests.contiguous()
         metadata = {
@@ -398,7 +400,8 @@ class BeaconCache(Cache):
                                      f"valid rows {tuple(valid.shape)}")
                 keys = keys.to(device=device, dtype=dtype or keys.dtype)
                 layer.append(keys, values.to(device=device, dtype=dtype or values.dtype), valid.to(keys.device))
-            cache.absorbed_ids = tensors["absorbed_ids"].to(device)
+            runs, lengths = tensors["absorbed_ids.runs"], tensors["absorbed_ids.lengths"]
+            cache.absorbed_ids = runs.repeat_interleave(lengths, dim=1).to(device)
             cache.frame_digests = {
                 int(name.split(".", 1)[1]): t.to(device) for name, t in tensors.items() if name.startswith("frame_digests.")
             }
