@@ -271,6 +271,11 @@ class LiveVideo:
             else:
                 self.feed(frame)
 
+    def follow(self, source: Any, fps: float = 1.0, pace: float | None = None) -> None:
+        """Feed a video PyAV can open as it arrives (see [`read_live_frames`]) until it ends; run it in a thread
+        to ask questions meanwhile."""
+        self.feed_all(read_live_frames(source, fps=fps, pace=pace))
+
     def ask(self, question: str, **generate_kwargs: Any) -> str:
         """Greedy (unless told otherwise) answer from the frames fed so far; the memory is left as it was."""
         with self.lock:

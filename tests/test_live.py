@@ -84,7 +84,7 @@ def test_a_video_file_read_as_a_live_stream_samples_frames_by_time(demo, frames,
     assert [t for t, _ in sampled] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
     assert sampled[0][1].shape == frames[0].shape and sampled[0][1].dtype == np.uint8
     live = model.live(processor)
-    live.feed_all(sampled)
+    live.follow(str(path), fps=2.0)
     assert live.frames == 6 and live.cache.media[0]["timestamps"] == []  # no window finished yet
     with pytest.raises(ValueError, match="fps must be positive"):
         list(read_live_frames(str(path), fps=0))
