@@ -124,16 +124,18 @@ def chat(
     runs = absorbed_runs(cache, visual_ids)
     reused = check_reusable_media(cache, runs, items, keys, generate_kwargs.get("compression_ratio"))
 
-    # Tokens of the text up to the last video/image the cache holds, expanded from its absorbed runs: no pixels.
-    head_end = matches[reused - 1].end() if reused else 0
-    head, last = [], 0
-    for match, (kind, length) in zip(matches[:reused], runs):
-        head += [text[last : match.start()], placeholders[kind] * length]
-        last = match.end()
-    head_text = "".join(head)
+    # Ids of the text up to the last video/image the cache holds, each placeholder expanded to the run of visual
+    # tokens the cache absorbed for it: no pixels. Placeholders are special tokens, so the text between them
+    # tokenises on its own exactly as inside the whole prompt.
     bos = processor.tokenizer.bos_token
     add_special = not (bos and text.startswith(bos))
-    head_ids = processor.tokenizer(head_text, add_special_tokens=add_special)["input_ids"] if reused else []
+    token_ids = {"video": config.video_token_id, "image": config.image_token_id}
+    head_ids, last = [], 0
+    for i, (match, (kind, length)) in enumerate(zip(matches[:reused], runs)):
+        piece = processor.tokenizer(text[last : match.start()], add_special_tokens=add_special and i == 0)
+        head_ids += piece["input_ids"] + [token_ids[kind]] * length
+        last = match.end()
+    head_end = last
     new_videos = [source for kind, source in items[reused:] if kind == "video"]
     new_images = [source for kind, source in items[reused:] if kind == "image"]
     # The text after a placeholder (a special token) tokenises on its own exactly as inside the whole prompt.

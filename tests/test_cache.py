@@ -208,6 +208,13 @@ def test_prompt_lookup_decoding_equals_greedy():
     assert assisted.tolist() == greedy.tolist()
 
 
+def test_beam_search_reorders_the_cache_consistently():
+    model = tiny_model()
+    ids, pixels = video_prompt(FRAMES), random_frames(FRAMES)
+    kwargs = dict(pixel_values_videos=pixels, num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False)
+    assert model.generate(ids, **kwargs).tolist() == model.generate(ids, use_cache=False, **kwargs).tolist()
+
+
 def test_assistant_model_decoding_equals_greedy():
     model, assistant = tiny_model(seed=0), tiny_model(seed=1)
     ids, pixels = video_prompt(FRAMES), random_frames(FRAMES)
