@@ -827,7 +827,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             total = int((input_ids == token_id).sum()) // batch
             new = int((input_ids[:, seen:] == token_id).sum()) // batch
             absorbed = total - new
-            frames = pixels.reshape(batch, -1, *pixels.shape[-3:]) if pixels.numel() else pixels
+            frames = pixels.reshape(batch, -1, *pixels.shape[-3:])
             given = pixels.reshape(-1, *pixels.shape[-3:]).shape[0] // batch * per_frame
             if absorbed and given == total:
                 if absorbed % per_frame:

@@ -130,7 +130,7 @@ def test_checkpoint_and_restore_return_to_an_earlier_extent_with_windows():
 # ---- a step lands in every layer or in none ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failing_step", [0, 1, 3])  # prefix text, first window, question
+@pytest.mark.parametrize("failing_step", [0, 1, 2, 3])  # prefix text, first window, second window, question
 def test_an_interrupt_inside_a_layer_leaves_the_cache_as_before_the_step(failing_step):
     model, ids, pixels = tiny_model(), video_prompt(FRAMES), random_frames(FRAMES)
     calls = {"n": 0}
