@@ -145,6 +145,7 @@ def chat(
         images=new_images or None,
         return_tensors="pt",
         add_special_tokens=add_special and not reused,
+        return_metadata=bool(new_videos),
         **sampling,
     )
     input_ids = torch.cat([torch.tensor([head_ids], dtype=torch.long), tail["input_ids"]], dim=1)
@@ -161,8 +162,12 @@ def chat(
         return_dict_in_generate=True,
     )
     new_runs = absorbed_runs(cache, visual_ids)[reused:]
+    video_metadata = iter(tail.get("video_metadata") or [])
     for (kind, _), key, (_, tokens) in zip(items[reused:], keys[reused:], new_runs):
-        cache.media.append({"kind": kind, "source": key, "frames": tokens // config.tokens_per_frame})
+        record = {"kind": kind, "source": key, "frames": tokens // config.tokens_per_frame}
+        if kind == "video":
+            record["timestamps"] = list((next(video_metadata, None) or {}).get("timestamps") or [])
+        cache.media.append(record)
     answer = processor.tokenizer.decode(output.sequences[0, input_ids.shape[1] :], skip_special_tokens=True)
     return answer.strip(), cache
 

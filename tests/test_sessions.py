@@ -159,3 +159,33 @@ def test_misused_caches_are_refused(demo, frames):
     earlier_text = [{"role": "system", "content": "Another system prompt."}] + ask(frames, QUESTIONS[0])
     with pytest.raises(ValueError, match="inside its compressed memory"):
         model.chat(processor, earlier_text, cache=cache, **ANSWER)
+
+
+FRESH_PROCESS = """
+import sys
+from demo.qa import load
+from demo.run import BUNDLED_MODEL
+from demo.synth import make_sample
+from scripts.local_import import BeaconCache
+model, processor = load(BUNDLED_MODEL)
+frames = list(make_sample(4242, 20, "retrieval", depth=50.0, attribute="colour", digit_prob=0.0).frames)
+cache = BeaconCache.load(sys.argv[1])
+messages = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": sys.argv[2]}]}]
+answer, cache = model.chat(processor, messages, cache=cache, max_new_tokens=6, num_frames=20)
+print(repr(answer))
+"""
+
+
+def test_a_saved_conversation_answers_the_same_in_a_fresh_process(demo, frames, tmp_path):
+    import subprocess
+    import sys
+
+    from scripts.local_import import REPO_ROOT
+
+    model, processor = demo
+    _, cache = model.chat(processor, ask(frames, QUESTIONS[0]), **ANSWER)
+    cache.save(tmp_path / "memory.safetensors")
+    here, _ = model.chat(processor, ask(frames, QUESTIONS[2]), **ANSWER)
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "memory.safetensors"), QUESTIONS[2]],
+                            cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == repr(here)
