@@ -238,6 +238,8 @@ def test_save_then_load_equals_the_original(tmp_path):
     assert torch.equal(loaded.absorbed_ids, ids) and loaded.ratios == cache.ratios and loaded.media == cache.media
     assert loaded.compressed_rows == cache.compressed_rows and loaded.model_id == cache.model_id
     assert torch.equal(loaded.frame_digests[VIDEO_ID], cache.frame_digests[VIDEO_ID])
+    with pytest.raises(ValueError, match="another config"):
+        tiny_model(beacon_window=8 * TOKENS_PER_FRAME)(torch.tensor([[13]]), cache=loaded)
     half = BeaconCache.load(tmp_path / "memory.safetensors", dtype=torch.bfloat16)
     assert half.layers[0].keys.dtype == torch.bfloat16
     kv_bytes = sum(layer.keys.numel() * 4 * 2 for layer in cache.layers)
