@@ -189,3 +189,20 @@ def test_a_saved_conversation_answers_the_same_in_a_fresh_process(demo, frames, 
     result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "memory.safetensors"), QUESTIONS[2]],
                             cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == repr(here)
+
+
+def test_the_sessions_benchmark_runs_on_the_tiny_preset(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from scripts.local_import import REPO_ROOT
+
+    out = tmp_path / "sessions.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "sessions.py"), "--size", "tiny", "--frames", "8",
+                    "--questions", "3", "--new-tokens", "2", "--threads", "1", "--json", str(out)],
+                   cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
+    [record] = json.loads(out.read_text())
+    assert record["frames"] == 8 and len(record["q_next_s_all"]) == 2
+    assert record["growth_rows"] == 0 and record["cache_after_q1"]["rows"] == 14 + 8 * 16 // 8 + 12 + 1  # r = 8, one token generated
+    assert record["file_bytes"] > record["cache_after_last"]["kv_bytes"]
