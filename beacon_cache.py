@@ -89,20 +89,21 @@ _DIGEST_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def frame_digests(frames: torch.Tensor) -> torch.Tensor:
-    """Two exact integer fingerprints per frame `[n, 2]` (int64) of frames `[n, ...]`, on the frames' device.
-
-    A fixed random weighting of the float32 bit patterns: any changed pixel changes it, and integer sums give the
-    same number on every device and in every order (weights < 2**12 keep the sums far from overflow).
-    """
+    """Two exact integer fingerprints per frame `[n, 2]` (int64) of frames `[n, ...]`, on the frames' device: the
+    sum of the float32 bit patterns and their sum under fixed random weights. Any changed pixel changes the first,
+    and integer sums give the same numbers on every device and in every order (weights < 2**12 keep the sums far
+    from overflow)."""
     flat = frames.reshape(frames.shape[0], -1)
     key = (flat.shape[1], str(flat.device))
     if key not in _DIGEST_WEIGHTS:
         generator = torch.Generator().manual_seed(0x5EED)
-        _DIGEST_WEIGHTS[key] = torch.randint(1, 2**12, (flat.shape[1], 2), generator=generator).to(flat.device)
+        _DIGEST_WEIGHTS[key] = torch.randint(1, 2**12, (flat.shape[1],), generator=generator).to(flat.device)
     weights = _DIGEST_WEIGHTS[key]
-    # Elementwise products, not a matmul: integer matmuls are not implemented on every device.
-    chunks = [(chunk.float().view(torch.int32).to(torch.int64)[:, :, None] * weights).sum(1) for chunk in flat.split(8)]
-    return torch.cat(chunks) if chunks else torch.zeros(0, 2, dtype=torch.int64, device=flat.device)
+    digests = []
+    for chunk in flat.split(8):
+        bits = chunk.float().view(torch.int32).to(torch.int64)
+        digests.append(torch.stack([bits.sum(1), (bits * weights).sum(1)], dim=1))
+    return torch.cat(digests) if digests else torch.zeros(0, 2, dtype=torch.int64, device=flat.device)
 
 
 class BeaconCache(Cache):

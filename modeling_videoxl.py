@@ -522,11 +522,13 @@ class VideoXLModel(VideoXLPreTrainedModel):
         return hidden_states, kept
 
     def window_digests(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Fingerprints `[batch, frames, 2]` of the frames that start inside a window (see `frame_digests`)."""
+        """Fingerprints `[batch, frames, 2]` of the frames that start inside a window (see `frame_digests`), taken
+        on the model's device (host pixels are copied there anyway to be encoded)."""
         per_frame = self.config.tokens_per_frame
         first, end = -(-visual_offset // per_frame), -(-(visual_offset + step.end - step.start) // per_frame)
         per_sample = pixels.reshape(batch_size, -1, *pixels.shape[-3:])
-        return torch.stack([frame_digests(sample[first:end]) for sample in per_sample])
+        device = self.embed_tokens.weight.device
+        return torch.stack([frame_digests(sample[first:end].to(device)) for sample in per_sample])
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
