@@ -68,6 +68,15 @@ def test_questions_from_a_reused_cache_equal_fresh_prompts_and_decode_the_video_
     assert max(lengths) < 100
 
 
+def test_compression_ratio_and_generate_options_pass_through(demo, frames):
+    model, processor = demo
+    options = dict(num_frames=FRAMES, compression_ratio=8, max_new_tokens=4, repetition_penalty=1.3)
+    _, cache = model.chat(processor, ask(frames, QUESTIONS[0]), **options)
+    assert cache.ratios == [8, 8] and cache.seen_tokens == cache.absorbed_ids.shape[1]
+    reused, cache = model.chat(processor, ask(frames, QUESTIONS[1]), cache=cache, **options)
+    assert reused == model.chat(processor, ask(frames, QUESTIONS[1]), **options)[0]
+
+
 def test_a_follow_up_keeps_the_earlier_question_and_answer_and_equals_the_whole_conversation(demo, frames):
     model, processor = demo
     first, cache = model.chat(processor, ask(frames, QUESTIONS[0]), **ANSWER)
