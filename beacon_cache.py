@@ -38,8 +38,10 @@ class BeaconLayer(DynamicLayer):
         self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
 
     def truncate(self, rows: int) -> None:
-        """Keep the first `rows` rows (views: no copy)."""
-        if self.is_initialized:
+        """Keep the first `rows` rows (views: no copy); also undoes an `append` that failed halfway."""
+        if rows == 0:
+            self.reset()
+        elif self.is_initialized:
             self.keys, self.values = self.keys[..., :rows, :], self.values[..., :rows, :]
             self.valid = self.valid[:, :rows]
 
@@ -193,25 +195,25 @@ class BeaconCache(Cache):
         if len(kept) != len(self.layers):
             raise ValueError(f"a step must keep rows for all {len(self.layers)} layers, got {len(kept)}")
         rows = self.get_seq_length()
-        done = 0
         try:
             for layer, (keys, values) in zip(self.layers, kept):
                 layer.append(keys, values, valid.bool())
-                done += 1
             absorbed_ids = ids if self.absorbed_ids is None else torch.cat([self.absorbed_ids, ids.to(self.absorbed_ids.device)], 1)
             frame_digests = dict(self.frame_digests)
             if digests is not None:
                 token_id, new = digests
                 old = frame_digests.get(token_id)
                 frame_digests[token_id] = new if old is None else torch.cat([old, new.to(old.device)], dim=1)
+            ratios = self.ratios + [ratio] if ratio else self.ratios
+            compressed_rows = self.get_seq_length() if ratio else self.compressed_rows
         except BaseException:
-            for layer in self.layers[:done]:
+            for layer in self.layers:
                 layer.truncate(rows)
             raise
-        self.absorbed_ids, self.frame_digests = absorbed_ids, frame_digests
-        if ratio:
-            self.ratios = self.ratios + [ratio]
-            self.compressed_rows = self.get_seq_length()
+        # One statement, after everything that can fail: the whole-cache records move with the rows.
+        self.absorbed_ids, self.frame_digests, self.ratios, self.compressed_rows = (
+            absorbed_ids, frame_digests, ratios, compressed_rows
+        )
 
     # ---- Cache operations ------------------------------------------------------------------------------------------
 

@@ -154,6 +154,24 @@ def test_an_interrupt_inside_a_layer_leaves_the_cache_as_before_the_step(failing
     assert retried.tolist() == fresh.tolist()
 
 
+def test_an_interrupt_inside_the_commit_itself_leaves_the_cache_as_before():
+    model, ids, pixels, cache = prefilled(suffix=())
+    keys, absorbed = cache.layers[1].keys.clone(), cache.absorbed_ids.clone()
+    layer = cache.layers[1]
+
+    def half_append(keys, values, valid):  # the keys land, then the interrupt comes before the mask
+        layer.update(keys, values)
+        raise KeyboardInterrupt
+
+    layer.append = half_append
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        model(torch.tensor([[13, 14, 15]]), cache=cache)
+    del layer.append
+    consistent(cache)
+    assert torch.equal(cache.layers[1].keys, keys) and torch.equal(cache.absorbed_ids, absorbed)
+    assert cache.get_seq_length() == 4 + 16 + 8 and cache.compressed_rows == 4 + 16 + 8
+
+
 # ---- misuse gets one clear error ------------------------------------------------------------------------------------
 
 
