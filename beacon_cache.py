@@ -307,9 +307,19 @@ class BeaconCache(Cache):
 
     # ---- checks ------------------------------------------------------------------------------------------------------
 
-    def check_continues(self, input_ids: torch.Tensor) -> None:
-        """Refuse `input_ids` `[batch, seq]` that do not start with the absorbed ids (a different prompt or video
-        layout, a shorter prompt, another batch size)."""
+    @property
+    def compressed_columns(self) -> int:
+        """Absorbed columns up to the end of the last compressed window (the rest are raw text, one row each)."""
+        return self.seen_tokens - (self.get_seq_length() - self.compressed_rows)
+
+    def align(self, input_ids: torch.Tensor) -> None:
+        """Make the cache a prefix of `input_ids` `[batch, seq]`, leaving at least one column to run.
+
+        Everything up to the end of the last compressed window must be the start of `input_ids`: a prompt that parts
+        from it (another video or layout, other earlier text, a shorter prompt) or another batch size is refused
+        with a `ValueError`. Raw text after it that `input_ids` do not repeat (an earlier question and answer, tokens
+        assisted decoding rejected) is rewound, which is exactly what a fresh prompt would compute.
+        """
         absorbed = self.seen_tokens
         if absorbed == 0:
             return
@@ -317,18 +327,25 @@ class BeaconCache(Cache):
             raise ValueError(
                 f"the cache holds {self.absorbed_ids.shape[0]} sample(s) but input_ids has {input_ids.shape[0]}"
             )
-        if input_ids.shape[1] < absorbed:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[1]} columns but the cache has already absorbed {absorbed}: pass the "
-                "whole prompt (the cached prefix and the new tokens), or cache.rewind(n) to an earlier point in text"
+        length = min(absorbed, input_ids.shape[1])
+        same = (input_ids[:, :length] == self.absorbed_ids[:, :length].to(input_ids.device)).all(dim=0)
+        differs = (~same).nonzero()
+        common = int(differs[0]) if differs.numel() else length
+        common = min(common, input_ids.shape[1] - 1)  # the last column runs again rather than nothing
+        frozen = self.compressed_columns
+        if common < frozen:
+            what = (
+                "the whole prompt is already in the cache and ends with its compressed memory: add new tokens"
+                if common == input_ids.shape[1] - 1 and length == absorbed == input_ids.shape[1]
+                else "this cache belongs to another prompt (other visual input or earlier text, or a shorter prompt): "
+                "pass cache=None, or a prompt that starts with cache.absorbed_ids"
             )
-        same = input_ids[:, :absorbed] == self.absorbed_ids.to(input_ids.device)
-        if not bool(same.all()):
-            first = int((~same).any(dim=0).nonzero()[0])
             raise ValueError(
-                f"input_ids differ from the ids the cache absorbed at column {first} (of {absorbed}): this cache "
-                "belongs to another prompt. Pass cache=None, or a prompt that starts with cache.absorbed_ids."
+                f"input_ids part from the ids the cache absorbed at column {max(common, 0)}, inside its compressed "
+                f"memory (its first {frozen} columns cannot be rewound): {what}"
             )
+        if common < absorbed:
+            self.rewind(common)
 
     def check_frames(self, token_id: int, frames: torch.Tensor) -> None:
         """Refuse pixels `[batch, frames, ...]` whose first frames are not the ones the memory absorbed."""

@@ -91,7 +91,7 @@ def memory_causal_attention(
 def check_beacon_cache(cache) -> BeaconCache:
     """Refuse a cache that is not a [`BeaconCache`] (by its interface: a remote-code model and the user may hold
     two copies of the class)."""
-    if not all(hasattr(cache, name) for name in ("absorbed_ids", "commit", "check_continues")):
+    if not all(hasattr(cache, name) for name in ("absorbed_ids", "commit", "align")):
         raise ValueError(
             f"Video-XL keeps its memory in a BeaconCache, got {type(cache).__name__}: pass cache=None (generate and "
             "forward create one; reuse `output.cache`) or a cache returned by an earlier call"
@@ -561,6 +561,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         batch, length = input_ids.shape
         cache = check_beacon_cache(cache) if cache is not None else BeaconCache(len(self.layers))
         cache.bind(model_identity(self.config))
+        self.check_run_continues(cache, input_ids)
         visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
         steps = plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
         valid = self.input_validity(attention_mask, input_ids)
@@ -590,6 +591,24 @@ class VideoXLModel(VideoXLPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=torch.cat(outputs, dim=1) if outputs else None, cache=cache)
 
     # ---- input handling ----------------------------------------------------------------------------------------
+
+    def check_run_continues(self, cache: BeaconCache, input_ids: torch.Tensor) -> None:
+        """Refuse to continue a visual run whose last window in the cache was partial: its windows would be cut
+        where one prompt would not cut them (a run may go on across calls only after whole windows, as live
+        ingestion and a retried prompt do)."""
+        if cache.seen_tokens == 0 or input_ids.shape[1] == 0:
+            return
+        last = cache.absorbed_ids[0, -1]
+        if int(last) not in (self.config.video_token_id, self.config.image_token_id) or input_ids[0, 0] != last:
+            return
+        others = (cache.absorbed_ids[0] != last).nonzero()
+        run = cache.seen_tokens - (int(others[-1]) + 1 if others.numel() else 0)
+        if run % self.config.beacon_window:
+            raise ValueError(
+                f"input_ids continue a visual run of {run} tokens that the cache closed with a partial window (windows "
+                f"are {self.config.beacon_window} tokens): its frames would be compressed differently from one "
+                "prompt. Pass cache=None, or feed a visual run in whole windows."
+            )
 
     def ratio_sampler(self, compression_ratio: int | None) -> Callable[[], int]:
         """The ratio of each window: the given one; a draw from the training ratios in train mode; else the default."""
@@ -786,21 +805,18 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     ) -> dict:
         """Feed only the columns the cache has not absorbed, with the pixels of the visual tokens among them.
 
-        A reused cache must be continued: `input_ids` start with the ids it absorbed (else a `ValueError`). Pixels
-        may cover every visual token of `input_ids` (the frames the cache holds are then checked against it, on the
-        first call of a `generate`, and skipped) or only those not absorbed yet.
+        A reused cache is first aligned with `input_ids` ([`BeaconCache.align`]): they must start with everything it
+        holds up to its last compressed window (else a `ValueError`); raw text after it that they do not repeat is
+        rewound. Pixels may cover every visual token of `input_ids` (the frames the cache holds are then checked
+        against it, on the first call of a `generate`, and skipped) or only those not absorbed yet.
         """
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: generate needs at least one token of prompt")
         seen = 0
         if cache is not None:
-            check_beacon_cache(cache)
-            cache.check_continues(input_ids)
+            check_beacon_cache(cache).align(input_ids)
             seen = cache.seen_tokens
         new_ids = input_ids[:, seen:]
-        if new_ids.shape[1] == 0:
-            raise ValueError(
-                f"nothing to run: input_ids has {input_ids.shape[1]} columns and the cache has absorbed all of them. "
-                "Pass the prompt with at least one new token (or cache.rewind(n) to an earlier point in text)."
-            )
         model_inputs = {"input_ids": new_ids, "cache": cache, "attention_mask": attention_mask}
         for key, value in kwargs.items():
             if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds"):

@@ -149,7 +149,7 @@ def chat(
         **sampling,
     )
     input_ids = torch.cat([torch.tensor([head_ids], dtype=torch.long), tail["input_ids"]], dim=1)
-    rewind_to_common_prefix(cache, input_ids)
+    cache.align(input_ids)  # an earlier question and answer the messages do not repeat are rewound
 
     pixels = {name: tail[name] for name in ("pixel_values_videos", "pixel_values") if name in tail}
     device = model.device
@@ -199,26 +199,6 @@ def check_reusable_media(
             f"compression_ratio={compression_ratio}: pass the same ratio, or cache=None to encode again"
         )
     return len(runs)
-
-
-def rewind_to_common_prefix(cache: BeaconCache, input_ids: torch.Tensor) -> None:
-    """Forget the text the cache absorbed after the point where `input_ids` `[1, seq]` part from it (an earlier
-    question and answer), keeping at least one new column to run."""
-    seen = cache.seen_tokens
-    if seen == 0:
-        return
-    length = min(seen, input_ids.shape[1] - 1)
-    absorbed = cache.absorbed_ids[0, :length].to(input_ids.device)
-    differs = (absorbed != input_ids[0, :length]).nonzero()
-    common = int(differs[0]) if differs.numel() else length
-    if common < seen:
-        try:
-            cache.rewind(common)
-        except ValueError as err:
-            raise ValueError(
-                f"the conversation parts from the cache at token {common}, inside its compressed memory: it is "
-                f"about other videos/images or another earlier text. Pass cache=None. ({err})"
-            ) from err
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -118,8 +118,8 @@ def test_checkpoint_and_restore_return_to_an_earlier_extent_with_windows():
     state = cache.checkpoint()
     keys = cache.layers[0].keys.clone()
     with torch.no_grad():
-        model(torch.full((1, 2 * TOKENS_PER_FRAME), VIDEO_ID), pixel_values_videos=random_frames(2, seed=9),
-              cache=cache)
+        second_video = torch.cat([torch.tensor([[40]]), torch.full((1, 2 * TOKENS_PER_FRAME), VIDEO_ID)], dim=1)
+        model(second_video, pixel_values_videos=random_frames(2, seed=9), cache=cache)
         model(torch.tensor([[40, 41]]), cache=cache)
     cache.restore(state)
     consistent(cache)
@@ -175,24 +175,40 @@ def test_an_interrupt_inside_the_commit_itself_leaves_the_cache_as_before():
 # ---- misuse gets one clear error ------------------------------------------------------------------------------------
 
 
-def test_a_prompt_that_does_not_continue_the_absorbed_ids_is_refused():
+def test_a_prompt_that_parts_from_the_compressed_memory_is_refused():
     model, ids, pixels, cache = prefilled()
     other = ids.clone()
     other[0, 2] = 50
-    with pytest.raises(ValueError, match="differ from the ids the cache absorbed at column 2"):
+    with pytest.raises(ValueError, match="at column 2, inside its compressed memory"):
         model.generate(other, pixel_values_videos=pixels, cache=cache, max_new_tokens=2)
-    longer_video = video_prompt(FRAMES + 4)  # a cache of 6 frames asked about a prompt with 10
-    with pytest.raises(ValueError, match="differ from the ids the cache absorbed"):
-        model.generate(longer_video, pixel_values_videos=random_frames(FRAMES + 4), cache=cache, max_new_tokens=2)
-
-
-def test_a_shorter_prompt_or_nothing_new_is_refused_clearly():
-    model, ids, pixels, cache = prefilled()
-    with pytest.raises(ValueError, match="already absorbed"):
+    with pytest.raises(ValueError, match="inside its compressed memory"):  # shorter than the video
         model.generate(ids[:, :10], cache=cache, max_new_tokens=2)
-    with pytest.raises(ValueError, match="nothing to run"):
-        model.generate(ids, pixel_values_videos=pixels, cache=cache, max_new_tokens=2)
+    longer_video = video_prompt(FRAMES + 4)  # 6 cached frames ended with a partial window; 10 would cut 4 + 4 + 2
+    with pytest.raises(ValueError, match="partial window"):
+        model.generate(longer_video, pixel_values_videos=random_frames(FRAMES + 4), cache=cache, max_new_tokens=2)
     consistent(cache)
+
+
+@pytest.mark.parametrize("prompt", ["same", "shorter", "other_question"])
+def test_raw_text_the_prompt_does_not_repeat_is_rewound_and_equals_a_fresh_prompt(prompt):
+    model, ids, pixels, cache = prefilled()
+    question = {"same": ids, "shorter": ids[:, :-2],
+                "other_question": torch.cat([ids[:, :-5], torch.tensor([[40, 41, 42]])], dim=1)}[prompt]
+    reused = model.generate(question, cache=cache, max_new_tokens=5, do_sample=False)
+    fresh = model.generate(question, pixel_values_videos=pixels, max_new_tokens=5, do_sample=False)
+    assert reused.tolist() == fresh.tolist()
+    consistent(cache)
+
+
+def test_empty_input_is_refused_clearly():
+    model, ids, pixels, cache = prefilled()
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(ids[:, :0], cache=cache, max_new_tokens=2)
+    video_only = BeaconCache(2)
+    with torch.no_grad():
+        model(video_prompt(FRAMES, suffix=()), pixel_values_videos=pixels, cache=video_only)
+    with pytest.raises(ValueError, match="whole prompt is already in the cache"):
+        model.generate(video_prompt(FRAMES, suffix=()), cache=video_only, max_new_tokens=2)
 
 
 def test_a_cache_of_another_video_with_the_same_layout_is_refused():
@@ -235,6 +251,10 @@ def test_beam_search_reorders_the_cache_consistently():
 
 def test_assistant_model_decoding_equals_greedy():
     model, assistant = tiny_model(seed=0), tiny_model(seed=1)
+    # Four drafted tokens a round whatever the assistant's confidence, so rejected drafts are rolled back.
+    assistant.generation_config.num_assistant_tokens = 4
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    assistant.generation_config.assistant_confidence_threshold = 0.0
     ids, pixels = video_prompt(FRAMES), random_frames(FRAMES)
     greedy = model.generate(ids, pixel_values_videos=pixels, max_new_tokens=10, do_sample=False)
     assisted = model.generate(ids, pixel_values_videos=pixels, max_new_tokens=10, do_sample=False,
