@@ -16,6 +16,7 @@ CODE_FILES = (
     "configuration_videoxl.py",
     "modeling_videoxl.py",
     "beacon_cache.py",
+    "session_videoxl.py",
     "processing_videoxl.py",
     "image_processing_videoxl.py",
     "video_decoding_videoxl.py",
@@ -33,6 +34,7 @@ _register_package()
 configuration = importlib.import_module("videoxl.configuration_videoxl")
 modeling = importlib.import_module("videoxl.modeling_videoxl")
 cache = importlib.import_module("videoxl.beacon_cache")
+session = importlib.import_module("videoxl.session_videoxl")
 
 VideoXLConfig = configuration.VideoXLConfig
 VideoXLForCausalLM = modeling.VideoXLForCausalLM
