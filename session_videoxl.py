@@ -166,10 +166,18 @@ def chat(
     for (kind, _), key, (_, tokens) in zip(items[reused:], keys[reused:], new_runs):
         record = {"kind": kind, "source": key, "frames": tokens // config.tokens_per_frame}
         if kind == "video":
-            record["timestamps"] = list((next(video_metadata, None) or {}).get("timestamps") or [])
+            record["timestamps"] = sampled_times(next(video_metadata, None))
         cache.media.append(record)
     answer = processor.tokenizer.decode(output.sequences[0, input_ids.shape[1] :], skip_special_tokens=True)
     return answer.strip(), cache
+
+
+def sampled_times(metadata) -> list[float]:
+    """Seconds of each sampled frame, or [] where the video gives none (in-memory frames without `video_fps`)."""
+    try:
+        return list(metadata["timestamps"] or []) if metadata is not None else []
+    except (KeyError, ValueError):  # the library's VideoMetadata raises when it cannot infer them
+        return []
 
 
 def check_reusable_media(
