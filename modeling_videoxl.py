@@ -29,7 +29,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers.utils import can_return_tuple, logging
 
-from .beacon_cache import BeaconCache
+from .beacon_cache import BeaconCache, frame_digests, model_identity
 from .compat_videoxl import (
     ALL_ATTENTION_FUNCTIONS,
     CACHE_NAME,
@@ -42,6 +42,7 @@ from .compat_videoxl import (
     take_cache,
 )
 from .configuration_videoxl import VideoXLConfig
+from .session_videoxl import LiveVideo, chat
 
 
 logger = logging.get_logger(__name__)
@@ -101,6 +102,17 @@ def placed_device(weight: torch.Tensor, fallback: torch.device) -> torch.device:
     """The device a module computes on: its weight's. Under accelerate offload the weight is a `meta` placeholder
     and the module's hook moves its inputs, so they stay on `fallback`."""
     return fallback if weight.device.type == "meta" else weight.device
+
+
+def check_beacon_cache(cache) -> BeaconCache:
+    """Refuse a cache that is not a [`BeaconCache`] (by its interface: a remote-code model and the user may hold
+    two copies of the class)."""
+    if not all(hasattr(cache, name) for name in ("absorbed_ids", "commit", "align")):
+        raise ValueError(
+            f"Video-XL keeps its memory in a BeaconCache, got {type(cache).__name__}: pass cache=None (generate and "
+            "forward create one; reuse `output.cache`) or a cache returned by an earlier call"
+        )
+    return cache
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -593,8 +605,10 @@ class VideoXLModel(VideoXLPreTrainedModel):
         mask: torch.Tensor | None,
         base: torch.Tensor,
         layer_states: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Run every layer on one step and keep, per layer, what the keep rule keeps. Each layer's output is
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run every layer on one step against the memory. Returns the hidden states and, per layer, the (keys,
+        values) the keep rule keeps; the caller commits them to the cache together, so a step lands in every layer
+        or in none. Only kept rows are held until then, never a window's raw keys and values. Each layer's output is
         appended to `layer_states` when given."""
         position_embeddings = self.rotary_emb(hidden_states, positions)
         vst_rows, kept_position_embeddings = None, None
@@ -602,6 +616,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             vst_rows = step.vst_rows(hidden_states.device)
             kept_positions = base[:, None] + torch.arange(step.num_vsts, device=base.device)
             kept_position_embeddings = self.rotary_emb(hidden_states, kept_positions)
+        kept = []
         for layer_idx, layer in enumerate(self.layers):
             past_keys, past_values = cache.memory(layer_idx)
             hidden_states, kept_keys, kept_values = layer(
@@ -613,10 +628,19 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 vst_rows,
                 kept_position_embeddings,
             )
-            cache.keep(layer_idx, kept_keys, kept_values)
+            kept.append((kept_keys, kept_values))
             if layer_states is not None:
                 layer_states.append(hidden_states)
-        return hidden_states
+        return hidden_states, kept
+
+    def window_digests(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Fingerprints `[batch, frames, 2]` of the frames that start inside a window (see `frame_digests`), taken
+        on the model's device (host pixels are copied there anyway to be encoded)."""
+        per_frame = self.config.tokens_per_frame
+        first, end = -(-visual_offset // per_frame), -(-(visual_offset + step.end - step.start) // per_frame)
+        per_sample = pixels.reshape(batch_size, -1, *pixels.shape[-3:])
+        device = placed_device(self.embed_tokens.weight, pixels.device)
+        return torch.stack([frame_digests(sample[first:end].to(device)) for sample in per_sample])
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
@@ -666,7 +690,9 @@ class VideoXLModel(VideoXLPreTrainedModel):
         else:
             check_input_ids(input_ids, self.config)
         batch, length = input_ids.shape
-        cache = cache if cache is not None else BeaconCache(len(self.layers))
+        cache = check_beacon_cache(cache) if cache is not None else BeaconCache(len(self.layers))
+        cache.bind(model_identity(self.config))
+        self.check_run_continues(cache, input_ids)
         visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
         steps = plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
         valid = self.input_validity(attention_mask, input_ids)
@@ -684,16 +710,21 @@ class VideoXLModel(VideoXLPreTrainedModel):
             mask = self.step_mask(row_valid, cache.key_mask, hidden_states.dtype)
             positions = self.step_positions(step, row_valid, base)
             layer_states = [hidden_states] if output_hidden_states else None
-            hidden_states = self.run_layers(hidden_states, cache, step, positions, mask, base, layer_states)
-            cache.keep_mask(row_valid[:, step.vst_rows(input_ids.device)] if step.is_window else row_valid)
+            hidden_states, kept = self.run_layers(hidden_states, cache, step, positions, mask, base, layer_states)
+            step_ids = input_ids[:, step.start : step.end]
             if step.is_window:
+                offset = visual_seen[step.token_id]
+                digests = (step.token_id, self.window_digests(step, offset, visual_inputs[step.token_id], batch))
+                kept_valid = row_valid[:, step.vst_rows(input_ids.device)]
+                cache.commit(kept, kept_valid, step_ids, ratio=step.ratio, digests=digests)
                 visual_seen[step.token_id] += step.end - step.start
+            else:
+                cache.commit(kept, row_valid, step_ids)
             wanted = columns[(columns >= step.start) & (columns < step.end)]
             if wanted.numel():
                 outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
             if output_hidden_states:
                 kept_states.append(self.kept_rows(step, layer_states))
-        cache.seen_tokens += length
         self.warn_beyond_max_positions(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(outputs, dim=1) if outputs else None,
@@ -735,6 +766,24 @@ class VideoXLModel(VideoXLPreTrainedModel):
             )
 
     # ---- input handling ----------------------------------------------------------------------------------------
+
+    def check_run_continues(self, cache: BeaconCache, input_ids: torch.Tensor) -> None:
+        """Refuse to continue a visual run whose last window in the cache was partial: its windows would be cut
+        where one prompt would not cut them (a run may go on across calls only after whole windows, as live
+        ingestion and a retried prompt do)."""
+        if cache.seen_tokens == 0 or input_ids.shape[1] == 0:
+            return
+        last = cache.absorbed_ids[0, -1]
+        if int(last) not in (self.config.video_token_id, self.config.image_token_id) or input_ids[0, 0] != last:
+            return
+        others = (cache.absorbed_ids[0] != last).nonzero()
+        run = cache.seen_tokens - (int(others[-1]) + 1 if others.numel() else 0)
+        if run % self.config.beacon_window:
+            raise ValueError(
+                f"input_ids continue a visual run of {run} tokens that the cache closed with a partial window (windows "
+                f"are {self.config.beacon_window} tokens): its frames would be compressed differently from one "
+                "prompt. Pass cache=None, or feed a visual run in whole windows."
+            )
 
     def ratio_sampler(self, compression_ratio: int | None) -> Callable[[], int]:
         """The ratio of each window: the given one; a draw from the training ratios in train mode; else the default."""
@@ -831,6 +880,28 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
 
     def seed_compression_ratios(self, seed: int) -> None:
         self.model.seed_compression_ratios(seed)
+
+    # ---- sessions ----------------------------------------------------------------------------------------------
+
+    def chat(
+        self, processor, messages: list[dict], cache: BeaconCache | None = None, **generate_kwargs
+    ) -> tuple[str, BeaconCache]:
+        """Answer the last user turn of `messages` (chat-template turns with text, video and image items).
+
+        Returns the answer text and the cache, which holds the conversation so far. Pass that cache back with the
+        next call on the same conversation: only the new tokens run, and videos/images the cache holds are not
+        decoded or encoded again. A new question about the same video (same messages before it) rewinds the text
+        after the video memory; a follow-up (the earlier question and answer kept in `messages`) continues it. A
+        cache about other videos, images or earlier text is refused with a `ValueError`.
+
+        `generate_kwargs` go to `generate` (greedy unless `do_sample=True`; `compression_ratio`, `max_new_tokens`
+        ...) except the processor's frame sampling options `num_frames`, `fps`, `max_frames`, `video_fps`.
+        """
+        return chat(self, processor, messages, cache, **generate_kwargs)
+
+    def live(self, processor, compression_ratio: int | None = None, system: str | None = None) -> LiveVideo:
+        """A [`LiveVideo`]: feed frames of a growing or endless video as they arrive, ask questions at any time."""
+        return LiveVideo(self, processor, compression_ratio=compression_ratio, system=system)
 
     @can_return_tuple
     def forward(
@@ -951,21 +1022,68 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
-        """Feed only the columns the cache has not absorbed; pixels only while visual tokens are among them.
+        """Feed only the columns the cache has not absorbed, with the pixels of the visual tokens among them.
+
+        A reused cache is first aligned with `input_ids` ([`BeaconCache.align`]): they must start with everything it
+        holds up to its last compressed window (else a `ValueError`); raw text after it that they do not repeat is
+        rewound. Pixels may cover every visual token of `input_ids` (the frames the cache holds are then checked
+        against it, on the first call of a `generate`, and skipped) or only those not absorbed yet.
 
         `generate` passes the cache under this transformers' name (`compat_videoxl.CACHE_NAME`); both names are
         declared so that its argument check accepts a user's cache under either.
         """
         cache = take_cache(cache, past_key_values)
-        seen = cache.seen_tokens if isinstance(cache, BeaconCache) else 0
-        model_inputs = {"input_ids": input_ids[:, seen:], "cache": cache, "attention_mask": attention_mask}
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: generate needs at least one token of prompt")
+        seen = 0
+        if cache is not None:
+            check_beacon_cache(cache).align(input_ids)
+            seen = cache.seen_tokens
+        new_ids = input_ids[:, seen:]
+        model_inputs = {"input_ids": new_ids, "cache": cache, "attention_mask": attention_mask}
         for key, value in kwargs.items():
             if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds", "cache_position"):
                 continue
-            if key in VISUAL_INPUT_NAMES and seen > 0:
+            if key in VISUAL_INPUT_NAMES:
                 continue
             model_inputs[key] = value
+        model_inputs.update(self.unabsorbed_visual_inputs(input_ids, seen, cache, kwargs))
         return model_inputs
+
+    def unabsorbed_visual_inputs(
+        self, input_ids: torch.Tensor, seen: int, cache: BeaconCache | None, kwargs: dict
+    ) -> dict[str, torch.Tensor]:
+        """The pixels of the visual tokens in `input_ids[:, seen:]` (see `prepare_inputs_for_generation`)."""
+        batch, per_frame = input_ids.shape[0], self.config.tokens_per_frame
+        inputs = {}
+        if seen == 0 and kwargs.get("image_sizes") is not None:
+            inputs["image_sizes"] = kwargs["image_sizes"]
+        for name, token_id in (
+            ("pixel_values_videos", self.config.video_token_id),
+            ("pixel_values", self.config.image_token_id),
+        ):
+            pixels = kwargs.get(name)
+            if pixels is None:
+                continue
+            total = int((input_ids == token_id).sum()) // batch
+            new = int((input_ids[:, seen:] == token_id).sum()) // batch
+            absorbed = total - new
+            frames = pixels.reshape(batch, -1, *pixels.shape[-3:])
+            given = pixels.reshape(-1, *pixels.shape[-3:]).shape[0] // batch * per_frame
+            if absorbed and given == total:
+                if absorbed % per_frame:
+                    raise ValueError(f"the cache ends inside a frame of {name} ({absorbed} tokens absorbed)")
+                if kwargs.get("is_first_iteration"):
+                    cache.check_frames(token_id, frames)
+                pixels = frames[:, absorbed // per_frame :].reshape(-1, *pixels.shape[-3:])
+            elif absorbed and given != new:
+                raise ValueError(
+                    f"{name} holds {given // per_frame} frames per sample: expected the frames of all "
+                    f"{total // per_frame} in input_ids, or of the {new // per_frame} the cache has not absorbed yet"
+                )
+            if new or not absorbed:
+                inputs[name] = pixels
+        return inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         """Repeat each sample's frames with the sample (the library's repeat would interleave frames of a video)."""

@@ -3,9 +3,9 @@
 
 Methods, each run in a fresh subprocess (peak RSS from resource.getrusage):
 
-* `pyav-seek`      processing_videoxl.read_video_frames: demux index, keyframe seeks, RGB frames
+* `pyav-seek`      video_decoding_videoxl.read_video_frames: demux index, keyframe seeks, RGB frames
                    (the same uint8 [H, W, 3] frames decord returns);
-* `pyav-seek+clip` VideoXLProcessor.load_video: the same plus CLIP-336 resize/crop/normalize
+* `pyav-seek+clip` the same with the image processor's resize_crop + frames_to_pixels: the same plus CLIP-336 resize/crop/normalize
                    (float32 [F, 3, 336, 336], what the model gets);
 * `decord`         decord 0.6.0 `VideoReader.get_batch` (what the original Video-XL used), if installed;
 * `decord+clip`    decord frames, then the same CLIP preprocessing;
@@ -128,27 +128,28 @@ def _naive_frames(path: str, count: int) -> np.ndarray:
 def run_method(method: str, path: str, count: int) -> dict:
     """Load `count` frames with `method`; return seconds, peak RSS and the output's shape."""
     sys.path.insert(0, str(ROOT))
-    from scripts.local_import import processing
+    from scripts.local_import import processing  # imported before timing: import cost is not decode cost
 
-    pv = processing()  # imported before timing: import cost is not decode cost
-
+    pv = processing()
     if method.startswith("decord"):
         import decord  # noqa: F401
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     image_processor = pv.VideoXLImageProcessor()
+    sampling = pv.VideoSampling(num_frames=count, max_frames=count)
     start = time.perf_counter()
     if method == "pyav-seek":
-        frames, _ = pv.read_video_frames(path, pv.VideoSampling(num_frames=count), np.asarray)
+        frames, _ = pv.read_video_frames(path, sampling, np.asarray)
         output = np.stack(frames)
     elif method == "pyav-seek+clip":  # exactly what VideoXLProcessor does for a video
-        output, _ = image_processor.video_pixels(path, pv.VideoSampling(num_frames=count))
+        crops, _ = pv.read_video_frames(path, sampling, image_processor.resize_crop)
+        output = image_processor.frames_to_pixels(crops)
     elif method == "decord":
         output = _decord_frames(path, count)
     elif method == "decord+clip":
         from PIL import Image
 
         raw = _decord_frames(path, count)
-        output = image_processor.normalize([image_processor.resize_crop(Image.fromarray(f)) for f in raw])
+        output = image_processor.frames_to_pixels([image_processor.resize_crop(Image.fromarray(f)) for f in raw])
     elif method == "naive":
         output = _naive_frames(path, count)
     else:
@@ -169,7 +170,7 @@ def check_agreement(path: str, count: int = 32) -> dict:
     theirs = _decord_frames(path, count)
     diff = np.abs(np.stack(ours).astype(np.int16) - theirs.astype(np.int16))
     return {"frames": count, "max_abs_diff": int(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "total_frames_ours": meta.total_frames}
+            "total_frames_ours": meta.total_num_frames}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,10 @@ CODE_FILES = (
     "configuration_videoxl.py",
     "modeling_videoxl.py",
     "beacon_cache.py",
+    "session_videoxl.py",
     "processing_videoxl.py",
+    "image_processing_videoxl.py",
+    "video_decoding_videoxl.py",
     "compat_videoxl.py",
 )
 
@@ -33,6 +36,7 @@ compat = importlib.import_module("videoxl.compat_videoxl")  # first: refuses an 
 configuration = importlib.import_module("videoxl.configuration_videoxl")
 modeling = importlib.import_module("videoxl.modeling_videoxl")
 cache = importlib.import_module("videoxl.beacon_cache")
+session = importlib.import_module("videoxl.session_videoxl")
 
 VideoXLConfig = configuration.VideoXLConfig
 VideoXLForCausalLM = modeling.VideoXLForCausalLM
@@ -46,3 +50,13 @@ VideoXLForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 def processing():
     """The processor module (imported on demand: it needs PyAV and the tokenizer files)."""
     return importlib.import_module("videoxl.processing_videoxl")
+
+
+def image_processing():
+    """The image processor module (anyres tiles, CLIP-336 frames)."""
+    return importlib.import_module("videoxl.image_processing_videoxl")
+
+
+def video_decoding():
+    """The video decoding module (frame sampling, the seeking PyAV decoder); needs PyAV."""
+    return importlib.import_module("videoxl.video_decoding_videoxl")

@@ -166,7 +166,7 @@ class NeedleFrames(torch.utils.data.IterableDataset):
                         for value in (needle.colour, needle.shape, needle.position):
                             for token in self.words[value]:
                                 targets[len(crops) - 1, self.vocabulary.index(token)] = 1.0
-            yield self.image_processor.normalize(crops), targets
+            yield self.image_processor.frames_to_pixels(crops), targets
 
 
 def pretrain_vision(model: VideoXLForCausalLM, processor, steps: int, seed: int, pairs: int = 16,

@@ -45,12 +45,18 @@ def write_video(
     gop: int = 8,
     options: dict[str, str] | None = None,
     frame_durations_ms: Sequence[int] | None = None,
+    container_options: dict[str, str] | None = None,
+    rotation: int | None = None,
 ) -> Path:
     """Encode `n_frames` patterned frames. `frame_durations_ms` makes a variable-frame-rate file
-    (time base 1/1000, each frame shown for its own duration)."""
+    (time base 1/1000, each frame shown for its own duration); `container_options` go to the muxer
+    (e.g. {"movflags": "faststart"}: the MP4 index first); `rotation` writes a display matrix that
+    turns the frames that many degrees counter-clockwise (what phones write for portrait video)."""
     width, height = size
-    with av.open(str(path), "w", format=container_format) as container:
+    with av.open(str(path), "w", format=container_format, options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop
         if options:

@@ -1,0 +1,1 @@
+../../video_decoding_videoxl.py
