@@ -46,10 +46,6 @@ class BeaconLayer(DynamicLayer):
             self.valid = self.valid[:, :rows]
 
     def reset(self) -> None:
-        # Dropped, not zeroed: `update` grows them by concatenation. (Before 5.18 the library's reset zeroes them in
-        # place and keeps their rows; with `is_initialized` cleared first it only resets its own bookkeeping.)
-        self.keys = self.values = None
-        self.is_initialized = False
         super().reset()
         self.valid = None
 

@@ -4,7 +4,9 @@ layers carry extra projections for visual summarization tokens (VSTs)."""
 # First: an unsupported transformers fails here with one clear error, before a name that moved can fail below.
 from .compat_videoxl import check_transformers_version  # noqa: F401, I001
 
-from transformers import AutoConfig, PreTrainedConfig
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 
 def default_grid_pinpoints(tile: int = 336, max_tiles: int = 49) -> list[list[int]]:
@@ -48,14 +50,6 @@ CLIP_L_336 = {
 }
 
 
-def sub_config(value: dict | PreTrainedConfig | None, model_type: str, defaults: dict) -> PreTrainedConfig:
-    """A sub-config from a config, a dict (its `model_type` defaulting to `model_type`) or None (`defaults`)."""
-    if isinstance(value, PreTrainedConfig):
-        return value
-    value = dict(defaults) if value is None else dict(value)
-    return AutoConfig.for_model(value.pop("model_type", model_type), **value)
-
-
 AUTO_MAP = {
     "AutoConfig": "configuration_videoxl.VideoXLConfig",
     "AutoModel": "modeling_videoxl.VideoXLForCausalLM",
@@ -64,6 +58,7 @@ AUTO_MAP = {
 }
 
 
+@strict
 class VideoXLConfig(PreTrainedConfig):
     r"""
     Configuration of [`VideoXLForCausalLM`]. Defaults are the released Video-XL 7B (`sy1998/Video_XL`).
@@ -87,51 +82,42 @@ class VideoXLConfig(PreTrainedConfig):
     """
 
     model_type = "videoxl"
-    # Declared the way every 5.x release accepts (5.20+ also offer `SubConfigSpec` dataclass fields, earlier
-    # releases do not): an explicit `__init__` that builds the sub-configs.
-    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=QWEN2_7B),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L_336
+        ),
+    }
 
-    def __init__(
-        self,
-        text_config: dict | PreTrainedConfig | None = None,
-        vision_config: dict | PreTrainedConfig | None = None,
-        vision_feature_layer: int = -2,
-        projector_hidden_act: str = "gelu",
-        spatial_pool_stride: int = 2,
-        beacon_window: int = 1440,
-        beacon_ratio: int = 8,
-        beacon_train_ratios: list[int] | None = None,
-        beacon_param: list[str] | None = None,
-        image_token_id: int = 151646,
-        video_token_id: int = 151647,
-        image_grid_pinpoints: list | None = None,
-        ratio_seed: int = 0,
-        tie_word_embeddings: bool = False,
-        **kwargs,
-    ):
-        self.text_config = sub_config(text_config, "qwen2", QWEN2_7B)
-        self.vision_config = sub_config(vision_config, "clip_vision_model", CLIP_L_336)
-        self.vision_feature_layer = vision_feature_layer
-        self.projector_hidden_act = projector_hidden_act
-        self.spatial_pool_stride = spatial_pool_stride
-        self.beacon_window = beacon_window
-        self.beacon_ratio = beacon_ratio
-        self.beacon_train_ratios = [2, 4, 8] if beacon_train_ratios is None else beacon_train_ratios
-        self.beacon_param = ["q", "k", "v"] if beacon_param is None else beacon_param
-        self.image_token_id = image_token_id
-        self.video_token_id = video_token_id
-        self.image_grid_pinpoints = (
-            default_grid_pinpoints(self.vision_config.image_size) if image_grid_pinpoints is None else image_grid_pinpoints
-        )
-        self.ratio_seed = ratio_seed
-        self.tie_word_embeddings = tie_word_embeddings
-        unknown = set(self.beacon_param) - {"q", "k", "v"}
-        if unknown:
-            raise ValueError(f"beacon_param may only name 'q', 'k' and 'v', got {sorted(unknown)}")
-        super().__init__(**kwargs)
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    vision_feature_layer: int = -2
+    projector_hidden_act: str = "gelu"
+    spatial_pool_stride: int = 2
+    beacon_window: int = 1440
+    beacon_ratio: int = 8
+    beacon_train_ratios: list[int] | None = None
+    beacon_param: list[str] | None = None
+    image_token_id: int = 151646
+    video_token_id: int = 151647
+    image_grid_pinpoints: list | None = None
+    ratio_seed: int = 0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
         if not getattr(self, "auto_map", None):
             # Saved into config.json so that every Auto class finds the remote code.
             self.auto_map = dict(AUTO_MAP)
+        if self.beacon_train_ratios is None:
+            self.beacon_train_ratios = [2, 4, 8]
+        if self.beacon_param is None:
+            self.beacon_param = ["q", "k", "v"]
+        if self.image_grid_pinpoints is None:
+            self.image_grid_pinpoints = default_grid_pinpoints(self.vision_config.image_size)
+        unknown = set(self.beacon_param) - {"q", "k", "v"}
+        if unknown:
+            raise ValueError(f"beacon_param may only name 'q', 'k' and 'v', got {sorted(unknown)}")
 
     @property
     def tokens_per_frame(self) -> int:

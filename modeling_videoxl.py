@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+from transformers import AutoModel
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
     Qwen2RMSNorm,
@@ -31,13 +32,11 @@ from transformers.utils import can_return_tuple, logging
 
 from .beacon_cache import BeaconCache, frame_digests, model_identity
 from .compat_videoxl import (
-    ALL_ATTENTION_FUNCTIONS,
     CACHE_NAME,
     ActivationCheckpointingNames,
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     cache_field,
-    clip_with_vision_model_level,
     rename_cache_kwarg,
     take_cache,
 )
@@ -438,12 +437,13 @@ class VideoXLDecoderLayer(GradientCheckpointingLayer):
 
 
 class VideoXLVisionTower(nn.Module):
-    """CLIP vision encoder. Holds the library's CLIP vision model so that parameter names match the released
-    checkpoint (`model.vision_tower.vision_tower.vision_model.*`) on every supported transformers release."""
+    """CLIP vision encoder. Holds the library's `CLIPVisionModel` as `vision_tower.vision_model` so that parameter
+    names match the released checkpoint (`model.vision_tower.vision_tower.vision_model.*`)."""
 
     def __init__(self, vision_config, feature_layer: int):
         super().__init__()
-        self.vision_tower = clip_with_vision_model_level(vision_config)
+        self.vision_tower = nn.Module()
+        self.vision_tower.vision_model = AutoModel.from_config(vision_config)
         self.feature_layer = feature_layer
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from accelerate import infer_auto_device_map
 from transformers import Qwen2ForCausalLM
 from transformers.testing_utils import CaptureLogger
 
-from scripts.local_import import BeaconCache, VideoXLForCausalLM, compat, modeling
+from scripts.local_import import BeaconCache, VideoXLForCausalLM, modeling
 from tests.conftest import IMAGE_ID, TOKENS_PER_FRAME, VIDEO_ID, random_frames, tiny_model, video_prompt
 
 
@@ -235,10 +235,7 @@ def saved_tiny(tmp_path_factory):
     [
         {"device_map": "auto", "max_memory": {"cpu": 150_000}},
         {"device_map": "auto", "max_memory": {"cpu": 200_000}},
-        # Everything on disk; transformers dispatches a disk-only map from 5.13, so before it the head stays on CPU.
-        {"device_map": {"": "disk"}}
-        if compat.library_has("disk_only_device_map")
-        else {"device_map": {"model": "disk", "lm_head": "cpu"}},
+        {"device_map": {"": "disk"}},
     ],
     ids=["layers-cpu-and-disk", "vision-split", "all-on-disk"],
 )

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
 import conftest
 from _video_files import write_video
 from scripts.convert_original_checkpoint import check_processor_fits, convert, visual_token_ids
-from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig, compat
+from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig
 
 
 README = REPO_ROOT / "README.md"
@@ -111,26 +111,19 @@ def test_converted_repo_loads_with_auto_classes_and_pipeline(converted_parity, t
         messages, processor_kwargs = chat({"type": "image", "image": random_image()}), {}
     else:
         video = write_video(tmp_path / "clip.mp4", n_frames=12)
-        messages = chat({"type": "video", "path": str(video)})
-        # num_frames reaches the processor through the pipeline from transformers 5.5; before, the pipeline drops the
-        # processor kwargs of chats (for any model), so both sides sample the default 128 frames.
-        processor_kwargs = {"num_frames": 4} if compat.library_has("pipeline_chat_processor_kwargs") else {}
+        messages, processor_kwargs = chat({"type": "video", "path": str(video)}), {"num_frames": 4}
     model = AutoModelForCausalLM.from_pretrained(converted_parity, trust_remote_code=True, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(converted_parity, trust_remote_code=True)
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", **processor_kwargs)
     pixels = inputs["pixel_values"] if kind == "image" else inputs["pixel_values_videos"]
-    frames = 2 if kind == "image" else processor_kwargs.get("num_frames", 128)
-    assert pixels.reshape(-1, *pixels.shape[-3:]).shape == (frames, 3, 336, 336)
+    assert pixels.reshape(-1, *pixels.shape[-3:]).shape == (2 if kind == "image" else 4, 3, 336, 336)
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
 
     pipe = pipeline("image-text-to-text", model=str(converted_parity), trust_remote_code=True, dtype=torch.float32)
     assert type(pipe.model).__name__ == "VideoXLForCausalLM"
-    # Generation options go in generate_kwargs: the pipeline hands other keywords to the chat template, and
-    # transformers 5.5 - 5.21 then drop processor_kwargs in their favour.
-    out = pipe(text=messages, max_new_tokens=4, generate_kwargs={"do_sample": False}, return_tensors=True,
-               processor_kwargs=processor_kwargs)
+    out = pipe(text=messages, max_new_tokens=4, do_sample=False, return_tensors=True, processor_kwargs=processor_kwargs)
     generated = torch.as_tensor(out[0]["generated_token_ids"])
     # Same prompt ids (the pipeline went through the processor's chat template and pixels) and the same answer.
     assert generated.tolist() == expected[0].tolist()
