@@ -1,15 +1,12 @@
 """What moved between the transformers 5.x releases this remote code supports, in one place.
 
 The model, config and scripts import the moving parts from here; nothing else checks versions. Each adapter is chosen
-by looking for the feature itself (a dataclass field, a method), not by comparing version numbers, so a patch release
+by looking for the feature itself (a dataclass field), not by comparing version numbers, so a patch release
 that back-ports a change is handled too. The version is read only by the guard.
 
 | what                          | before                              | from                                  |
 |-------------------------------|-------------------------------------|---------------------------------------|
 | cache argument / output field | `past_key_values`                   | `cache` (5.24)                        |
-| activation checkpointing      | `gradient_checkpointing_enable()`,  | `activation_checkpointing_enable()`,  |
-|                               | `TrainingArguments(gradient_...)`   | `TrainingArguments(activation_...)`   |
-|                               |                                     | (5.23)                                |
 """
 
 import sys
@@ -18,7 +15,7 @@ import transformers  # noqa: F401 (the guard reads its version; every release im
 from packaging.version import Version
 
 
-OLDEST = "5.22.1"  # the floor (README, "Install"); requirements-oldest.txt pins it for `make test-oldest`
+OLDEST = "5.23.0"  # the floor (README, "Install"); requirements-oldest.txt pins it for `make test-oldest`
 NEWEST_TESTED = "5.24.0"  # requirements.txt
 SUPPORTED_RANGE = f">={OLDEST},<6"
 
@@ -41,9 +38,7 @@ check_transformers_version()
 
 import dataclasses  # noqa: E402
 
-from transformers import TrainingArguments  # noqa: E402
 from transformers import modeling_outputs as _outputs  # noqa: E402
-from transformers.modeling_utils import PreTrainedModel  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -100,32 +95,6 @@ BaseModelOutputWithPast = _with_cache_alias(_outputs.BaseModelOutputWithPast)
 CausalLMOutputWithPast = _with_cache_alias(_outputs.CausalLMOutputWithPast)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Activation (gradient) checkpointing names
-# --------------------------------------------------------------------------------------------------------------------
-
-_ACTIVATION_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
-
-
-class ActivationCheckpointingNames:
-    """Mixin for a `PreTrainedModel`: `activation_checkpointing_enable/disable` on releases that only name it
-    `gradient_checkpointing_enable/disable` (before 5.23). Empty where the library has both."""
-
-    if not _ACTIVATION_NAMES:
-
-        def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
-            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
-
-        def activation_checkpointing_disable(self) -> None:
-            self.gradient_checkpointing_disable()
-
-
-def checkpointing_training_arguments(enabled: bool) -> dict:
-    """The `TrainingArguments` keyword that turns activation checkpointing on or off in this transformers."""
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
-
-
 __all__ = [
     "OLDEST",
     "SUPPORTED_RANGE",
@@ -137,6 +106,4 @@ __all__ = [
     "cache_of",
     "BaseModelOutputWithPast",
     "CausalLMOutputWithPast",
-    "ActivationCheckpointingNames",
-    "checkpointing_training_arguments",
 ]

@@ -33,7 +33,6 @@ from transformers.utils import can_return_tuple, logging
 from .beacon_cache import BeaconCache, frame_digests, model_identity
 from .compat_videoxl import (
     CACHE_NAME,
-    ActivationCheckpointingNames,
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     cache_field,
@@ -466,7 +465,7 @@ class VideoXLVisionTower(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class VideoXLPreTrainedModel(ActivationCheckpointingNames, PreTrainedModel):
+class VideoXLPreTrainedModel(PreTrainedModel):
     config_class = VideoXLConfig
     config: VideoXLConfig
     base_model_prefix = "model"

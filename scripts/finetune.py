@@ -39,7 +39,6 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.collator import VideoXLCollator, read_jsonl  # noqa: E402
-from scripts.local_import import compat  # noqa: E402
 
 
 TRAIN_MODES = ("all", "llm", "vst", "projector", "lora")
@@ -273,7 +272,7 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         warmup_steps=args.warmup,
         weight_decay=0.0,
         bf16=args.bf16,
-        **compat.checkpointing_training_arguments(args.activation_checkpointing),
+        activation_checkpointing=args.activation_checkpointing,
         seed=args.seed,
         save_strategy="steps",
         save_steps=args.save_steps,
