@@ -1,0 +1,214 @@
+"""Batches of unrelated prompts: every sample of a mixed batch answers as it would alone.
+
+Mixed = different frame counts (a partial last window too), images beside videos, text-only prompts, different
+question lengths, two videos in one prompt. Each sample is compressed with its own windows; the batch decodes from
+one stacked, left-padded cache.
+"""
+
+import pytest
+import torch
+
+from scripts.local_import import BeaconCache
+from tests.conftest import IMAGE_ID, TOKENS_PER_FRAME, VIDEO_ID, random_frames, tiny_model
+
+
+PAD = 0
+
+
+def sample(text_before, visuals, text_after, seed=0):
+    """A prompt as (ids, video frames `[n, 3, 112, 112]` or None, image tiles or None).
+
+    `visuals`: a list of ("video" | "image", frames, text after it)."""
+    ids, videos, images = list(text_before), [], []
+    for i, (kind, frames, text) in enumerate(visuals):
+        pixels = random_frames(frames, seed=seed * 10 + i)[0]
+        ids += [VIDEO_ID if kind == "video" else IMAGE_ID] * (frames * TOKENS_PER_FRAME) + list(text)
+        (videos if kind == "video" else images).append(pixels)
+    ids += list(text_after)
+    return ids, (torch.cat(videos) if videos else None), (torch.cat(images) if images else None)
+
+
+MIXED = [
+    sample([4, 10, 11], [("video", 6, [])], [13, 14, 15, 16, 17], seed=1),  # a partial last window (6 = 4 + 2)
+    sample([4, 12], [("image", 3, [])], [18, 19, 20], seed=2),  # an image prompt
+    sample([4, 21, 22, 23, 24, 25, 26], [], [], seed=3),  # text only
+    sample([4, 10], [("video", 3, [30, 31]), ("video", 5, [])], [13, 14], seed=4),  # two videos in one prompt
+    sample([4, 10, 11, 12], [("video", 4, [])], [40, 41, 42, 43, 44, 45, 46, 47, 48], seed=5),  # a long question
+    sample([4], [("image", 2, [50]), ("video", 2, [])], [51, 52, 53], seed=6),  # an image and a video
+]
+
+
+def batch_of(samples, side="left"):
+    """Pad samples into one batch, with pixels concatenated sample after sample (as the processor does)."""
+    length = max(len(ids) for ids, _, _ in samples)
+    rows, masks = [], []
+    for ids, _, _ in samples:
+        pad = [PAD] * (length - len(ids))
+        rows.append(pad + ids if side == "left" else ids + pad)
+        ones, zeros = [1] * len(ids), [0] * len(pad)
+        masks.append(zeros + ones if side == "left" else ones + zeros)
+    inputs = {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(masks)}
+    videos = [v for _, v, _ in samples if v is not None]
+    images = [i for _, _, i in samples if i is not None]
+    if videos:
+        inputs["pixel_values_videos"] = torch.cat(videos)
+    if images:
+        inputs["pixel_values"] = torch.cat(images)
+    return inputs
+
+
+def alone(one):
+    return batch_of([one])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(attn_implementation="sdpa")
+
+
+def test_mixed_batch_greedy_ids_and_last_logits_equal_each_sample_alone(model):
+    inputs = batch_of(MIXED)
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        batched_logits = model(**inputs, logits_to_keep=1).logits
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    for i, one in enumerate(MIXED):
+        with torch.no_grad():
+            single_logits = model(**alone(one), logits_to_keep=1).logits
+        torch.testing.assert_close(batched_logits[i : i + 1], single_logits, atol=1e-5, rtol=1e-5)
+        single = model.generate(**alone(one), max_new_tokens=6, do_sample=False)
+        assert generated[i, length:].tolist() == single[0, len(one[0]) :].tolist(), f"sample {i}"
+
+
+def test_mixed_batch_forward_equals_alone_at_every_token_column(model):
+    """All columns: each sample's hidden states at its own tokens."""
+    inputs = batch_of(MIXED[:4])
+    with torch.no_grad():
+        batched = model.model(**inputs).last_hidden_state
+        for i, one in enumerate(MIXED[:4]):
+            single = model.model(**alone(one)).last_hidden_state
+            torch.testing.assert_close(batched[i, -len(one[0]) :], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_cache_is_each_samples_cache_left_padded(model):
+    inputs = batch_of(MIXED[:3])
+    with torch.no_grad():
+        cache = model(**inputs, logits_to_keep=1).cache
+    assert torch.equal(cache.absorbed_ids, inputs["input_ids"])
+    for i, one in enumerate(MIXED[:3]):
+        with torch.no_grad():
+            single = model(**alone(one), logits_to_keep=1).cache
+        rows = single.get_seq_length()
+        assert int(cache.key_mask[i].sum()) == rows and cache.key_mask[i, -rows:].all()
+        for layer, single_layer in zip(cache.layers, single.layers):
+            torch.testing.assert_close(layer.keys[i, :, -rows:], single_layer.keys[0], atol=1e-5, rtol=1e-5)
+        assert single.ratios == [4] * len(single.ratios)
+    # The raw question rows are the last columns of every sample: a reused cache rewinds them like a fresh one.
+    assert cache.compressed_columns <= inputs["input_ids"].shape[1] - 3
+
+
+def test_stack_refuses_empty_or_batched_caches():
+    with pytest.raises(ValueError, match="non-empty single-sample caches"):
+        BeaconCache.stack([BeaconCache(2)], torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_same_layout_batches_still_run_one_plan_equal_to_alone(model):
+    """Same visual columns (left-padded text before the video differs): the one-plan path, equal to alone."""
+    same = [sample([4, 10, 11], [("video", 5, [])], [13, 14], seed=7), sample([4, 10, 11], [("video", 5, [])], [15, 16], seed=8)]
+    inputs = batch_of(same)
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    for i, one in enumerate(same):
+        single = model.generate(**alone(one), max_new_tokens=5, do_sample=False)
+        assert generated[i].tolist() == single[0].tolist()
+
+
+def test_swapped_video_and_image_order_equals_each_alone(model):
+    """`<video><image>` beside `<image><video>` in the same columns (once silently answered the other prompt)."""
+    swapped = [
+        sample([4], [("video", 2, []), ("image", 2, [])], [13, 14], seed=9),
+        sample([4], [("image", 2, []), ("video", 2, [])], [13, 14], seed=10),
+    ]
+    inputs = batch_of(swapped)
+    with torch.no_grad():
+        batched = model(**inputs).logits
+        for i, one in enumerate(swapped):
+            torch.testing.assert_close(batched[i : i + 1], model(**alone(one)).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_right_padded_batch_is_refused_by_generate(model):
+    inputs = batch_of(MIXED[:3], side="right")
+    with pytest.raises(ValueError, match="right-padded batch.*pad on the left"):
+        model.generate(**inputs, max_new_tokens=2)
+
+
+def test_right_padded_mixed_batch_forward_equals_alone(model):
+    """Training batches are right-padded: logits at every token column equal the sample's alone."""
+    inputs = batch_of(MIXED, side="right")
+    with torch.no_grad():
+        batched = model(**inputs).logits
+        for i, one in enumerate(MIXED):
+            single = model(**alone(one)).logits
+            torch.testing.assert_close(batched[i, : len(one[0])], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_with_several_returns_on_a_mixed_batch_equals_each_alone(model):
+    chosen = [MIXED[0], MIXED[1], MIXED[3]]
+    inputs = batch_of(chosen)
+    kwargs = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    generated = model.generate(**inputs, **kwargs)
+    length = inputs["input_ids"].shape[1]
+    for i, one in enumerate(chosen):
+        single = model.generate(**alone(one), **kwargs)
+        assert generated[2 * i : 2 * i + 2, length:].tolist() == single[:, len(one[0]) :].tolist(), f"sample {i}"
+
+
+def test_sampling_on_a_mixed_batch_is_seeded_and_scores_each_sample_as_alone(model):
+    """With a seed the batch samples the same tokens every time, and every sampled step's logits are the ones
+    the sample alone gives for that continuation (the draw itself consumes the generator batch-wide)."""
+    chosen = [MIXED[0], MIXED[2], MIXED[4]]
+    inputs = batch_of(chosen)
+    kwargs = dict(max_new_tokens=4, do_sample=True, top_k=20, num_return_sequences=2, output_logits=True,
+                  return_dict_in_generate=True)
+    torch.manual_seed(11)
+    first = model.generate(**inputs, **kwargs)
+    torch.manual_seed(11)
+    again = model.generate(**inputs, **kwargs)
+    assert first.sequences.tolist() == again.sequences.tolist()
+    length = inputs["input_ids"].shape[1]
+    step_logits = torch.stack(first.logits, dim=1)  # [batch * 2, new, vocab]
+    for row in range(first.sequences.shape[0]):
+        ids, _, _ = one = chosen[row // 2]
+        new = first.sequences[row, length:]
+        if (new == 5).any():  # stop at the first eos (later steps are padding)
+            new = new[: int((new == 5).nonzero()[0]) + 1]
+        single = alone(one)
+        single["input_ids"] = torch.cat([single["input_ids"], new[None, :-1]], dim=1)
+        single["attention_mask"] = torch.ones_like(single["input_ids"])
+        with torch.no_grad():
+            logits = model(**single, logits_to_keep=len(new)).logits[0]
+        torch.testing.assert_close(step_logits[row, : len(new)], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_training_batch_loss_and_gradients_equal_the_per_sample_sum():
+    """Right-padded, labels -100 on padding and prompts; Trainer's normaliser (`num_items_in_batch`)."""
+    model = tiny_model(attn_implementation="sdpa").train()
+    chosen = MIXED[:5]
+    inputs = batch_of(chosen, side="right")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = labels.masked_fill((labels == VIDEO_ID) | (labels == IMAGE_ID), -100)
+    labels[:, :2] = -100
+    items = int((labels[:, 1:] != -100).sum())
+    loss = model(**inputs, labels=labels, compression_ratio=4, num_items_in_batch=items).loss
+    loss.backward()
+    batched_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0.0
+    for i, one in enumerate(chosen):
+        single_labels = labels[i : i + 1, : len(one[0])]
+        single = model(**alone(one), labels=single_labels, compression_ratio=4, num_items_in_batch=items).loss
+        single.backward()
+        total = total + single.detach()
+    torch.testing.assert_close(loss.detach(), total, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        if name in batched_grads:
+            torch.testing.assert_close(batched_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
