@@ -57,6 +57,15 @@ def batch_of(samples, side="left"):
     return inputs
 
 
+def assert_same_gradients(batched_grads: dict, model) -> None:
+    """The batch's gradients == the ones accumulated in `model` by the per-sample runs. A parameter no output
+    depends on may have no gradient on one side and a zero one on the other."""
+    assert len(batched_grads) > 10
+    for name, p in model.named_parameters():
+        single_grad = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(batched_grads.get(name, torch.zeros_like(p)), single_grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def alone(one):
     return batch_of([one])
 
@@ -209,6 +218,70 @@ def test_mixed_training_batch_loss_and_gradients_equal_the_per_sample_sum():
         single.backward()
         total = total + single.detach()
     torch.testing.assert_close(loss.detach(), total, atol=1e-5, rtol=1e-5)
-    for name, p in model.named_parameters():
-        if name in batched_grads:
-            torch.testing.assert_close(batched_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_gradients(batched_grads, model)
+
+
+def test_pipeline_batches_equal_one_at_a_time():
+    """`pipeline("image-text-to-text", batch_size=4)` on the shipped model: images of other tile counts and questions
+    of other lengths in one batch. The pipeline pads with the tokenizer's side, which the processor sets to left
+    (the demo tokenizer's own default is right)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    from demo.run import BUNDLED_MODEL
+
+    rng = np.random.default_rng(0)
+    sizes = [(224, 224), (300, 600), (500, 260), (224, 224), (448, 448)]
+    questions = ["What colour is it?", "Describe.", "Which shape is shown in the picture, and where is it?", "A?", "B"]
+    messages = [
+        [{"role": "user", "content": [
+            {"type": "image", "image": Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))},
+            {"type": "text", "text": question},
+        ]}]
+        for (h, w), question in zip(sizes, questions)
+    ]
+    kwargs = dict(max_new_tokens=8, return_full_text=False, generate_kwargs={"do_sample": False})
+    batched = pipeline("image-text-to-text", model=str(BUNDLED_MODEL), trust_remote_code=True, batch_size=4)
+    assert batched.tokenizer.padding_side == "left"
+    one_by_one = [batched(text=m, **kwargs)[0]["generated_text"] for m in messages]
+    together = [out[0]["generated_text"] for out in batched(text=messages, **kwargs)]
+    assert together == one_by_one
+
+
+def test_collator_batches_mixed_samples_and_the_loss_equals_the_per_sample_losses():
+    """scripts/collator.py on a video of 3 frames, one of 5, an image and a text-only sample (right-padded, labels
+    -100 on padding): loss and gradients of the batch == the per-sample losses combined as the Trainer does."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from demo.run import BUNDLED_MODEL
+    from scripts.collator import VideoXLCollator
+
+    rng = np.random.default_rng(1)
+    frames = lambda n: rng.integers(0, 255, (n, 96, 128, 3), dtype=np.uint8)  # noqa: E731
+    turns = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
+    samples = [
+        {"video": frames(3), "conversations": turns("<video>\nWhat happens?", "A star moves.")},
+        {"video": frames(5), "conversations": turns("<video>\nWhich colour?", "Red.")},
+        {"image": rng.integers(0, 255, (300, 500, 3), dtype=np.uint8), "conversations": turns("Shape?", "A cross in the top left.")},
+        {"conversations": turns("Text only, and a longer question than the others.", "Fine.")},
+    ]
+    processor = AutoProcessor.from_pretrained(BUNDLED_MODEL, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, trust_remote_code=True, dtype=torch.float32).train()
+    collator = VideoXLCollator(processor, compression_ratio=4)
+    batch = collator(samples)
+    assert (batch["attention_mask"][:, 0] == 1).all() and not batch["attention_mask"][:, -1].all()  # right-padded
+    items = int((batch["labels"][:, 1:] != -100).sum())
+
+    loss = model(**batch, num_items_in_batch=items).loss
+    loss.backward()
+    batched_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0.0
+    for one in samples:
+        single = model(**collator([one]), num_items_in_batch=items).loss
+        single.backward()
+        total = total + single.detach()
+    torch.testing.assert_close(loss.detach(), total, atol=1e-5, rtol=1e-5)
+    assert_same_gradients(batched_grads, model)
