@@ -95,7 +95,7 @@ def frame_digests(frames: torch.Tensor) -> torch.Tensor:
     sum of the float32 bit patterns and their sum under fixed random weights. Any changed pixel changes the first,
     and integer sums give the same numbers on every device and in every order (weights < 2**12 keep the sums far
     from overflow)."""
-    flat = frames.reshape(frames.shape[0], -1)
+    flat = frames.flatten(1)  # also for no frames (a sample of a stacked batch without this kind)
     key = (flat.shape[1], str(flat.device))
     if key not in _DIGEST_WEIGHTS:
         generator = torch.Generator().manual_seed(0x5EED)
@@ -223,6 +223,9 @@ class BeaconCache(Cache):
         window stay aligned with the last columns of `absorbed_ids` `[batch, seq]` (the padded prompt the batch
         decodes from; each cache's raw text after its last window must be that many last columns of it). Frame
         digests are padded with zeros after a sample's own frames. `ratios` lists the samples' ratios in turn.
+
+        The given caches are emptied: their rows are released layer by layer as they are copied, so stacking needs
+        one layer's rows on top of the samples' memory, not a second copy of all of it.
         """
         if not caches or any(cache.seen_tokens == 0 or cache.absorbed_ids.shape[0] != 1 for cache in caches):
             raise ValueError("stack takes a non-empty list of non-empty single-sample caches")
@@ -232,18 +235,8 @@ class BeaconCache(Cache):
         tails = [length - cache.compressed_rows for length, cache in zip(rows, caches)]
         if any(tail > absorbed_ids.shape[1] for tail in tails):
             raise ValueError("a cache holds more raw text rows than absorbed_ids has columns")
-        stacked = cls(len(caches[0].layers))
         longest = max(rows)
-        kept = []
-        for layer_idx in range(len(stacked.layers)):
-            layers = [cache.layers[layer_idx] for cache in caches]
-            keys = torch.cat([_left_pad(layer.keys, longest, dim=2) for layer in layers])
-            values = torch.cat([_left_pad(layer.values, longest, dim=2) for layer in layers])
-            kept.append((keys, values))
-        valid = torch.cat([_left_pad(cache.key_mask, longest, dim=1) for cache in caches])
-        stacked.commit(kept, valid, absorbed_ids)
-        stacked.compressed_rows = longest - min(tails)
-        stacked.ratios = [ratio for cache in caches for ratio in cache.ratios]
+        stacked = cls(len(caches[0].layers))
         for token_id in {token_id for cache in caches for token_id in cache.frame_digests}:
             digests = [cache.frame_digests.get(token_id) for cache in caches]
             frames = max(d.shape[1] for d in digests if d is not None)
@@ -251,7 +244,21 @@ class BeaconCache(Cache):
             stacked.frame_digests[token_id] = torch.cat([
                 template.new_zeros(1, frames, 2) if d is None else _right_pad(d, frames, dim=1) for d in digests
             ])
+        valid = torch.cat([_left_pad(cache.key_mask, longest, dim=1) for cache in caches])
+        kept = []
+        for layer_idx in range(len(stacked.layers)):
+            layers = [cache.layers[layer_idx] for cache in caches]
+            keys = torch.cat([_left_pad(layer.keys, longest, dim=2) for layer in layers])
+            values = torch.cat([_left_pad(layer.values, longest, dim=2) for layer in layers])
+            kept.append((keys, values))
+            for layer in layers:
+                layer.reset()
+        stacked.commit(kept, valid, absorbed_ids)
+        stacked.compressed_rows = longest - min(tails)
+        stacked.ratios = [ratio for cache in caches for ratio in cache.ratios]
         stacked.model_id = caches[0].model_id
+        for cache in caches:
+            cache.reset()
         return stacked
 
     # ---- Cache operations ------------------------------------------------------------------------------------------

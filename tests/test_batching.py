@@ -285,3 +285,21 @@ def test_collator_batches_mixed_samples_and_the_loss_equals_the_per_sample_losse
         total = total + single.detach()
     torch.testing.assert_close(loss.detach(), total, atol=1e-5, rtol=1e-5)
     assert_same_gradients(batched_grads, model)
+
+
+def test_a_mixed_batchs_cache_continues_a_follow_up_like_a_fresh_prompt(model):
+    """The stacked cache is reused with the whole follow-up prompt and every frame (checked against the cache's
+    per-sample fingerprints, then skipped): the same tokens as the follow-up run from scratch."""
+    chosen = [MIXED[0], MIXED[1], MIXED[2], MIXED[5]]
+    inputs = batch_of(chosen)
+    first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    follow_up = dict(inputs)
+    follow_up["input_ids"] = torch.cat([first.sequences, torch.tensor([[60, 61]] * len(chosen))], dim=1)
+    follow_up["attention_mask"] = torch.ones_like(follow_up["input_ids"])
+    follow_up["attention_mask"][:, : inputs["input_ids"].shape[1]] = inputs["attention_mask"]
+    reused = model.generate(**follow_up, cache=first.cache, max_new_tokens=4, do_sample=False)
+    fresh = model.generate(**follow_up, max_new_tokens=4, do_sample=False)
+    assert reused.tolist() == fresh.tolist()
+    other = dict(follow_up, pixel_values_videos=follow_up["pixel_values_videos"].flip(0))
+    with pytest.raises(ValueError, match="not the frames it encoded"):
+        model.generate(**other, cache=first.cache, max_new_tokens=1)
