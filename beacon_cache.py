@@ -216,13 +216,16 @@ class BeaconCache(Cache):
         )
 
     @classmethod
-    def stack(cls, caches: list["BeaconCache"], absorbed_ids: torch.Tensor) -> "BeaconCache":
+    def stack(
+        cls, caches: list["BeaconCache"], absorbed_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> "BeaconCache":
         """One batched cache from single-sample caches (each `[1, ...]`), e.g. prompts prefilled one at a time.
 
-        Each sample's rows are left-padded with invalid rows to the longest, so the rows after the last compressed
-        window stay aligned with the last columns of `absorbed_ids` `[batch, seq]` (the padded prompt the batch
-        decodes from; each cache's raw text after its last window must be that many last columns of it). Frame
-        digests are padded with zeros after a sample's own frames. `ratios` lists the samples' ratios in turn.
+        `absorbed_ids` `[batch, seq]` is the padded prompt the batch decodes from, `attention_mask` `[batch, seq]`
+        its padding (0); each cache holds the rows of its sample's tokens. Each sample's rows are left-padded with
+        invalid rows to the longest, so the raw text rows after the last window line up with the last columns
+        where every sample ends in text (only those can be rewound or cropped). Frame digests are padded with
+        zeros after a sample's own frames. `ratios` lists the samples' ratios in turn.
 
         The given caches are emptied: their rows are released layer by layer as they are copied, so stacking needs
         one layer's rows on top of the samples' memory, not a second copy of all of it.
@@ -235,6 +238,8 @@ class BeaconCache(Cache):
         tails = [length - cache.compressed_rows for length, cache in zip(rows, caches)]
         if any(tail > absorbed_ids.shape[1] for tail in tails):
             raise ValueError("a cache holds more raw text rows than absorbed_ids has columns")
+        tokens = torch.ones_like(absorbed_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        unpadded_ends = tokens.flip(1).long().cumprod(dim=1).sum(dim=1).tolist()  # columns after the last padding
         longest = max(rows)
         stacked = cls(len(caches[0].layers))
         for token_id in {token_id for cache in caches for token_id in cache.frame_digests}:
@@ -254,7 +259,7 @@ class BeaconCache(Cache):
             for layer in layers:
                 layer.reset()
         stacked.commit(kept, valid, absorbed_ids)
-        stacked.compressed_rows = longest - min(tails)
+        stacked.compressed_rows = longest - min(min(tail, end) for tail, end in zip(tails, unpadded_ends))
         stacked.ratios = [ratio for cache in caches for ratio in cache.ratios]
         stacked.model_id = caches[0].model_id
         for cache in caches:

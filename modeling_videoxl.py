@@ -228,12 +228,6 @@ def same_layout(input_ids: torch.Tensor, visual_ids: tuple[int, ...]) -> bool:
     return bool((kinds == kinds[:1]).all())
 
 
-def text_tail_start(token_row: torch.Tensor, visual_ids: tuple[int, ...]) -> int:
-    """The column after the last visual token of a 1-D row of ids (0 when it has none)."""
-    visual = torch.isin(token_row, torch.tensor(visual_ids, device=token_row.device)).nonzero()
-    return int(visual[-1]) + 1 if visual.numel() else 0
-
-
 def check_input_ids(input_ids: torch.Tensor | None, config: VideoXLConfig) -> None:
     """`input_ids` must be a non-empty `[batch, seq]` tensor of token ids of the vocabulary or visual token ids."""
     if input_ids is None:
@@ -740,10 +734,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
         question lengths): each sample runs alone, with its own windows, ratios and positions, and the samples'
         caches are stacked into one padded cache ([`BeaconCache.stack`]) that the batch decodes from.
 
-        A sample runs on its own tokens up to the end of its last visual window, then on every column after it
-        (padding there masked), so its raw text rows line up with the batch's last columns. Outputs at columns a
-        sample did not run (padding before its last window) are zeros; `hidden_states` rows are left-padded with
-        zeros like the cache.
+        A sample runs on its own tokens only (exactly as alone); outputs at its padding columns are zeros, and
+        `hidden_states` rows are left-padded with zeros like the cache.
         """
         if cache.seen_tokens:
             raise ValueError(
@@ -756,15 +748,12 @@ class VideoXLModel(VideoXLPreTrainedModel):
         frames = self.frames_per_sample(input_ids, visual_inputs)
         caches, states, kept_states = [], [], []
         for i in range(batch):
-            runs = valid[i].clone()
-            runs[text_tail_start(input_ids[i], (self.config.video_token_id, self.config.image_token_id)) :] = True
-            run_columns = runs.nonzero().squeeze(1)
+            run_columns = valid[i].nonzero().squeeze(1)
             local = torch.full((length,), -1, dtype=torch.long, device=device)
             local[run_columns] = torch.arange(run_columns.numel(), device=device)
             wanted = local[columns] >= 0
             out = self(
                 input_ids[i : i + 1, run_columns],
-                attention_mask=valid[i : i + 1, run_columns],
                 pixel_values_videos=frames[i].get(self.config.video_token_id),
                 pixel_values=frames[i].get(self.config.image_token_id),
                 compression_ratio=compression_ratio,
@@ -781,7 +770,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 kept_states.append(out.hidden_states)
         ran = [state for state in states if state is not None]
         states = [ran[0].new_zeros(ran[0].shape) if state is None else state for state in states] if ran else []
-        cache = BeaconCache.stack(caches, input_ids)
+        cache = BeaconCache.stack(caches, input_ids, valid)
         hidden_states = None
         if output_hidden_states:
             rows = cache.get_seq_length()
