@@ -770,16 +770,14 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 kept_states.append(out.hidden_states)
         ran = [state for state in states if state is not None]
         states = [ran[0].new_zeros(ran[0].shape) if state is None else state for state in states] if ran else []
-        cache = BeaconCache.stack(caches, input_ids, valid)
         hidden_states = None
         if output_hidden_states:
-            rows = cache.get_seq_length()
+            rows = max(sample[0].shape[1] for sample in kept_states)
             pad = lambda t: nn.functional.pad(t, (0, 0, rows - t.shape[1], 0))  # noqa: E731
             hidden_states = tuple(torch.cat([pad(t) for t in layer]) for layer in zip(*kept_states))
-        self.warn_beyond_max_positions(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(states) if states else None,
-            cache=cache if use_cache is not False else None,
+            cache=BeaconCache.stack(caches, input_ids, valid) if use_cache is not False else None,
             hidden_states=hidden_states,
         )
 

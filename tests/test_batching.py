@@ -303,3 +303,17 @@ def test_a_mixed_batchs_cache_continues_a_follow_up_like_a_fresh_prompt(model):
     other = dict(follow_up, pixel_values_videos=follow_up["pixel_values_videos"].flip(0))
     with pytest.raises(ValueError, match="not the frames it encoded"):
         model.generate(**other, cache=first.cache, max_new_tokens=1)
+
+
+def test_mixed_batch_hidden_states_are_each_samples_left_padded_and_no_cache_without_use_cache(model):
+    chosen = MIXED[:3]
+    with torch.no_grad():
+        out = model(**batch_of(chosen), output_hidden_states=True, use_cache=False)
+        assert out.cache is None
+        for i, one in enumerate(chosen):
+            single = model(**alone(one), output_hidden_states=True).hidden_states
+            assert len(out.hidden_states) == len(single)
+            for batched_layer, single_layer in zip(out.hidden_states, single):
+                rows = single_layer.shape[1]
+                torch.testing.assert_close(batched_layer[i, -rows:], single_layer[0], atol=1e-5, rtol=1e-5)
+                assert not batched_layer[i, :-rows].any()
