@@ -6,6 +6,8 @@ memory ([`BeaconCache`]). Text is never compressed.
 
 The compression path reads top to bottom in [`VideoXLModel.forward`]:
 plan steps -> embed a step (encode its frames) -> run the layers -> keep what the keep rule keeps.
+One plan serves a batch whose samples hold the same visual tokens in the same columns; any other batch is prefilled
+sample by sample ([`VideoXLModel.forward_per_sample`]) and decodes from one stacked cache.
 """
 
 import math

@@ -317,3 +317,36 @@ def test_mixed_batch_hidden_states_are_each_samples_left_padded_and_no_cache_wit
                 rows = single_layer.shape[1]
                 torch.testing.assert_close(batched_layer[i, -rows:], single_layer[0], atol=1e-5, rtol=1e-5)
                 assert not batched_layer[i, :-rows].any()
+
+
+def test_processor_batch_of_videos_images_and_text_generates_as_each_alone():
+    """As a user would: `processor(text=[...], videos=[...], images=[...], padding=True)` -> `generate`, on the
+    shipped model, with videos of 3, 7 and 2+4 frames, an image and a text-only prompt."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from demo.run import BUNDLED_MODEL
+
+    rng = np.random.default_rng(2)
+    frames = lambda n: rng.integers(0, 255, (n, 90, 120, 3), dtype=np.uint8)  # noqa: E731
+    processor = AutoProcessor.from_pretrained(BUNDLED_MODEL, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, trust_remote_code=True, dtype=torch.float32).eval()
+    prompts = [
+        ("<|im_start|>user\n<video>\nWhat colour was the star?<|im_end|>\n<|im_start|>assistant\n", [frames(3)], []),
+        ("<|im_start|>user\n<image>\nShape?<|im_end|>\n<|im_start|>assistant\n", [], [frames(1)[0]]),
+        ("<|im_start|>user\nA question without media, a longer one.<|im_end|>\n<|im_start|>assistant\n", [], []),
+        ("<|im_start|>user\n<video>\nWhich digit?<|im_end|>\n<|im_start|>assistant\n", [frames(7)], []),
+        ("<|im_start|>user\n<video><video>\nSame?<|im_end|>\n<|im_start|>assistant\n", [frames(2), frames(4)], []),
+    ]
+    call = lambda chosen: processor(  # noqa: E731
+        text=[text for text, _, _ in chosen], videos=[v for _, vs, _ in chosen for v in vs] or None,
+        images=[i for _, _, images in chosen for i in images] or None, return_tensors="pt",
+    )
+    inputs = call(prompts)
+    assert (inputs["attention_mask"][:, -1] == 1).all()  # left-padded for generation
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    length = inputs["input_ids"].shape[1]
+    for i, one in enumerate(prompts):
+        single_inputs = call([one])
+        single = model.generate(**single_inputs, max_new_tokens=6, do_sample=False)
+        assert generated[i, length:].tolist() == single[0, single_inputs["input_ids"].shape[1] :].tolist(), i
