@@ -350,3 +350,20 @@ def test_processor_batch_of_videos_images_and_text_generates_as_each_alone():
         single_inputs = call([one])
         single = model.generate(**single_inputs, max_new_tokens=6, do_sample=False)
         assert generated[i, length:].tolist() == single[0, single_inputs["input_ids"].shape[1] :].tolist(), i
+
+
+def test_batch_benchmark_runs_its_8_mixed_prompts_with_each_samples_own_memory():
+    """benchmarks/batch.py's child on the tiny preset, in process: the batch keeps per sample what alone keeps."""
+    import importlib.util
+
+    from scripts.local_import import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("batch_bench", REPO_ROOT / "benchmarks" / "batch.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = {"size": "tiny", "threads": torch.get_num_threads(), "decode_tokens": 2}  # leaves the test's threads
+    everything = list(range(len(bench.PROMPTS)))
+    batched = bench.run_child({**base, "prompts": everything})
+    alone_kept = [bench.run_child({**base, "prompts": [i]})["kept"][0] for i in everything]
+    assert batched["kept"] == alone_kept
+    assert batched["decode_tokens"] == 2 * len(everything) and batched["prefill_s"] > 0 and batched["decode_s"] > 0
