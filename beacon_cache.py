@@ -405,7 +405,8 @@ class BeaconCache(Cache):
         known = self.frame_digests.get(token_id)
         if known is None or known.shape[1] == 0:
             return
-        given = torch.stack([_right_pad(frame_digests(sample[: known.shape[1]]), known.shape[1], 0) for sample in frames])
+        frames_known = known.shape[1]
+        given = torch.stack([_right_pad(frame_digests(sample[:frames_known]), frames_known, 0) for sample in frames])
         if not torch.equal(given.to(known.device), known):
             raise ValueError(
                 f"the pixels given for the {known.shape[1]} frame(s) the cache already holds (token id {token_id}) "

@@ -63,7 +63,8 @@ def assert_same_gradients(batched_grads: dict, model) -> None:
     assert len(batched_grads) > 10
     for name, p in model.named_parameters():
         single_grad = torch.zeros_like(p) if p.grad is None else p.grad
-        torch.testing.assert_close(batched_grads.get(name, torch.zeros_like(p)), single_grad, atol=1e-5, rtol=1e-4, msg=name)
+        batched_grad = batched_grads.get(name, torch.zeros_like(p))
+        torch.testing.assert_close(batched_grad, single_grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def alone(one):
@@ -123,7 +124,10 @@ def test_stack_refuses_empty_or_batched_caches():
 
 def test_same_layout_batches_still_run_one_plan_equal_to_alone(model):
     """Same visual columns (left-padded text before the video differs): the one-plan path, equal to alone."""
-    same = [sample([4, 10, 11], [("video", 5, [])], [13, 14], seed=7), sample([4, 10, 11], [("video", 5, [])], [15, 16], seed=8)]
+    same = [
+        sample([4, 10, 11], [("video", 5, [])], [13, 14], seed=7),
+        sample([4, 10, 11], [("video", 5, [])], [15, 16], seed=8),
+    ]
     inputs = batch_of(same)
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     for i, one in enumerate(same):
@@ -264,7 +268,8 @@ def test_collator_batches_mixed_samples_and_the_loss_equals_the_per_sample_losse
     samples = [
         {"video": frames(3), "conversations": turns("<video>\nWhat happens?", "A star moves.")},
         {"video": frames(5), "conversations": turns("<video>\nWhich colour?", "Red.")},
-        {"image": rng.integers(0, 255, (300, 500, 3), dtype=np.uint8), "conversations": turns("Shape?", "A cross in the top left.")},
+        {"image": rng.integers(0, 255, (300, 500, 3), dtype=np.uint8),
+         "conversations": turns("Shape?", "A cross in the top left.")},
         {"conversations": turns("Text only, and a longer question than the others.", "Fine.")},
     ]
     processor = AutoProcessor.from_pretrained(BUNDLED_MODEL, trust_remote_code=True)
