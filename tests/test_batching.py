@@ -122,14 +122,16 @@ def test_stack_refuses_empty_or_batched_caches():
         BeaconCache.stack([BeaconCache(2)], torch.zeros(1, 1, dtype=torch.long))
 
 
-def test_same_layout_batches_still_run_one_plan_equal_to_alone(model):
-    """Same visual columns (left-padded text before the video differs): the one-plan path, equal to alone."""
+def test_same_layout_batches_still_run_one_plan_equal_to_alone(model, monkeypatch):
+    """Same visual columns, other videos and questions: the one-plan path (never sample by sample), equal to alone."""
     same = [
         sample([4, 10, 11], [("video", 5, [])], [13, 14], seed=7),
         sample([4, 10, 11], [("video", 5, [])], [15, 16], seed=8),
     ]
     inputs = batch_of(same)
-    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(type(model.model), "forward_per_sample", lambda *args, **kwargs: pytest.fail("ran per sample"))
+        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     for i, one in enumerate(same):
         single = model.generate(**alone(one), max_new_tokens=5, do_sample=False)
         assert generated[i].tolist() == single[0].tolist()
