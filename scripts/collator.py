@@ -249,17 +249,19 @@ def video_frame_count(video: str, sampling: dict) -> int:
 
 def check_dataset(
     path: str | Path, processor, sampling: dict | None = None, max_length: int | None = None,
-    media_root: str | Path | None = None,
+    media_root: str | Path | None = None, same_visual_layout: bool = False,
 ) -> list[dict]:
     """Read and check every sample of a JSON-lines file before training; return the samples.
 
     Streams the file once and decodes no video: each sample must parse, have valid turns, name media files that
     exist, and (with `max_length`) fit in `max_length` tokens, visual tokens counted from the sampling settings.
+    `same_visual_layout` also requires every sample to hold as many visual tokens per video / images as the first
+    (FSDP gathers each layer's weights every time the layer runs, once per window: every process must run as many).
     The first problem raises one ValueError (FileNotFoundError for media) naming the file and line.
     """
     options = {"num_frames": processor.num_frames, "fps": processor.fps, "max_frames": processor.max_frames}
     sampling = {**options, **(sampling or {})}
-    samples = []
+    samples, first_layout = [], None
     for where, sample in located_samples(path, media_root):
         try:
             messages = to_messages(sample, processor.video_token, processor.image_token)
@@ -269,6 +271,15 @@ def check_dataset(
             for media in as_list(sample.get(key)):
                 if isinstance(media, str) and "://" not in media and not Path(media).is_file():
                     raise FileNotFoundError(f"{where}: {key} file not found: {media}")
+        if same_visual_layout:
+            layout = visual_tokens(sample, processor, sampling)
+            first_layout = layout if first_layout is None else first_layout
+            if layout != first_layout:
+                raise ValueError(
+                    f"{where}: the sample's visual tokens per video / images are {layout}, the first sample's "
+                    f"{first_layout}; under FSDP every sample must run the same windows (same number of frames, "
+                    "videos and image tiles), or the processes' collectives stop matching"
+                )
         if max_length is not None:
             length = sample_length(sample, messages, processor, sampling)
             if length > max_length:
@@ -283,18 +294,23 @@ def check_dataset(
 
 
 def sample_length(sample: dict, messages: list[dict], processor, sampling: dict) -> int:
-    """Tokens of a sample once its markers are expanded: videos from their headers, images from their tiles."""
+    """Tokens of a sample once its markers are expanded."""
     template_ids = processor.tokenizer.apply_chat_template(
         messages, chat_template=processor.chat_template, tokenize=True, return_dict=True
     )["input_ids"]
-    length = len(template_ids) - sum(token in (processor.video_token_id, processor.image_token_id)
-                                     for token in template_ids)
+    markers = sum(token in (processor.video_token_id, processor.image_token_id) for token in template_ids)
+    return len(template_ids) - markers + sum(visual_tokens(sample, processor, sampling))
+
+
+def visual_tokens(sample: dict, processor, sampling: dict) -> list[int]:
+    """Visual tokens of each video, then of all images: videos from their headers, images from their tiles."""
+    counts = []
     for video in as_list(sample.get("video")):
         if not isinstance(video, str):
             raise ValueError("only video file paths can be checked before training")
-        length += video_frame_count(video, sampling) * processor.num_image_tokens
+        counts.append(video_frame_count(video, sampling) * processor.num_image_tokens)
     images = as_list(sample.get("image"))
     if images:  # tiles depend on each image's size: the processor computes them (images are cheap to read)
         expanded = processor(text=processor.image_token * len(images), images=images, return_tensors=None)
-        length += expanded["input_ids"][0].count(processor.image_token_id)
-    return length
+        counts.append(expanded["input_ids"][0].count(processor.image_token_id))
+    return counts

@@ -24,6 +24,7 @@ before, and a run resumed with `--resume_from_checkpoint` draws what the uninter
 """
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable for `scripts.collator`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -266,6 +269,34 @@ class RatioLogCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class SaveModelCodeUnderFSDP(TrainerCallback):
+    """Copy the model's code files into every checkpoint when FSDP2 wraps the model.
+
+    FSDP2 swaps the model's class for `FSDPVideoXLForCausalLM`, a subclass defined in torch: `save_pretrained` would
+    copy torch's FSDP source files and write that class into `auto_map`, and the checkpoint would not load. Once the
+    model is wrapped, the wrapper class is marked as no remote code (config.json keeps the loaded model's `auto_map`)
+    and this callback copies the model's own files (its module and what it imports relatively) beside the weights.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model_class = type(model)
+        module_file = Path(sys.modules[self.model_class.__module__].__file__)
+        self.files = [module_file, *map(Path, get_relative_import_files(str(module_file)))]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        wrapper = type(model)
+        if wrapper is not self.model_class and issubclass(wrapper, self.model_class):
+            wrapper._auto_class = None  # the FSDP2 subclass only; `save_pretrained` then writes no code
+
+    def copy_to(self, directory: str | Path) -> None:
+        for file in self.files:
+            shutil.copy(file, Path(directory) / file.name)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.copy_to(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
 def model_location(name: str) -> str:
     """A local model dir as an absolute path (adapters and merged configs record it); a hub id as it is."""
     path = Path(name).expanduser()
@@ -280,13 +311,16 @@ def build_trainer(project: ProjectArguments, training: TrainingArguments) -> Tra
     sampling = {key: value for key, value in
                 dict(num_frames=project.num_frames, fps=project.fps, max_frames=project.max_frames).items()
                 if value is not None}
-    dataset = check_dataset(project.data, processor, sampling, project.max_length, project.media_root)
+    dataset = check_dataset(project.data, processor, sampling, project.max_length, project.media_root,
+                            same_visual_layout=bool(training.fsdp))
     model = select_trainable(model, project)
     collator = VideoXLCollator(processor, **sampling, max_length=project.max_length,
                                compression_ratio=project.ratio)
     callbacks = [RatioSeedCallback(model, training.seed)]
     if project.log_ratios:
         callbacks.append(RatioLogCallback(model, project.log_ratios))
+    if training.fsdp:
+        callbacks.append(SaveModelCodeUnderFSDP(model))
     trainer = Trainer(
         model=model,
         args=training,
@@ -295,6 +329,11 @@ def build_trainer(project: ProjectArguments, training: TrainingArguments) -> Tra
         processing_class=processor,
         callbacks=callbacks,
     )
+    if training.fsdp and not trainer.is_fsdp_enabled:
+        raise ValueError(
+            f"--fsdp was given but accelerate runs {trainer.accelerator.distributed_type} here: it enables FSDP only "
+            "on GPUs and other accelerators, and would silently train without sharding"
+        )
     if trainer.is_world_process_zero():
         print(count_parameters(model))
     return trainer
@@ -305,6 +344,9 @@ def save_outputs(trainer: Trainer, project: ProjectArguments) -> None:
     OUTPUT_DIR/merged."""
     output = trainer.args.output_dir
     trainer.save_model(output)
+    code = next((c for c in trainer.callback_handler.callbacks if isinstance(c, SaveModelCodeUnderFSDP)), None)
+    if code is not None and trainer.is_world_process_zero():
+        code.copy_to(output)
     if project.merge and trainer.is_world_process_zero():
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(Path(output) / "merged")
