@@ -256,7 +256,8 @@ def check_dataset(
     Streams the file once and decodes no video: each sample must parse, have valid turns, name media files that
     exist, and (with `max_length`) fit in `max_length` tokens, visual tokens counted from the sampling settings.
     `same_visual_layout` also requires every sample to hold as many visual tokens per video / images as the first
-    (FSDP gathers each layer's weights every time the layer runs, once per window: every process must run as many).
+    (FSDP and ZeRO-3 gather each layer's weights every time the layer runs, once per window: every process must run
+    as many).
     The first problem raises one ValueError (FileNotFoundError for media) naming the file and line.
     """
     options = {"num_frames": processor.num_frames, "fps": processor.fps, "max_frames": processor.max_frames}
@@ -277,7 +278,7 @@ def check_dataset(
             if layout != first_layout:
                 raise ValueError(
                     f"{where}: the sample's visual tokens per video / images are {layout}, the first sample's "
-                    f"{first_layout}; under FSDP every sample must run the same windows (same number of frames, "
+                    f"{first_layout}; under FSDP and ZeRO-3 every sample must run the same windows (same number of frames, "
                     "videos and image tiles), or the processes' collectives stop matching"
                 )
         if max_length is not None:

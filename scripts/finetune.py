@@ -43,6 +43,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable for `scripts.collator`
@@ -209,8 +210,11 @@ def select_trainable(model: PreTrainedModel, args: ProjectArguments) -> nn.Modul
 
 
 def count_parameters(model: nn.Module) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(param: torch.Tensor) -> int:  # DeepSpeed ZeRO-3 leaves an empty shard and records the full size
+        return getattr(param, "ds_numel", param.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
 
 
@@ -311,8 +315,9 @@ def build_trainer(project: ProjectArguments, training: TrainingArguments) -> Tra
     sampling = {key: value for key, value in
                 dict(num_frames=project.num_frames, fps=project.fps, max_frames=project.max_frames).items()
                 if value is not None}
+    # FSDP and ZeRO-3 gather a layer's weights each time it runs (per window): every process must run as many.
     dataset = check_dataset(project.data, processor, sampling, project.max_length, project.media_root,
-                            same_visual_layout=bool(training.fsdp))
+                            same_visual_layout=bool(training.fsdp) or is_deepspeed_zero3_enabled())
     model = select_trainable(model, project)
     collator = VideoXLCollator(processor, **sampling, max_length=project.max_length,
                                compression_ratio=project.ratio)
