@@ -20,7 +20,8 @@ before training (scripts/collator.py `check_dataset`); only assistant answers ar
 Compression ratios: without `--ratio`, every window draws its ratio from `--ratios` (saved as
 `config.beacon_train_ratios`). The model's ratio schedule is reseeded before every micro-batch from (seed, optimizer
 step, micro-batch), so every process draws the same ratio for its k-th window whatever the lengths of the samples
-before, and a run resumed with `--resume_from_checkpoint` draws what the uninterrupted run would have drawn.
+before, and a run resumed with `--resume_from_checkpoint DIR` (or `last`: the newest complete checkpoint of
+`--output_dir`) draws what the uninterrupted run would have drawn.
 """
 
 import json
@@ -44,6 +45,7 @@ from transformers import (
 )
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable for `scripts.collator`
@@ -358,10 +360,30 @@ def save_outputs(trainer: Trainer, project: ProjectArguments) -> None:
         trainer.processing_class.save_pretrained(Path(output) / "merged")
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str:
+    """The newest `checkpoint-N` of `output_dir` that was written to the end.
+
+    Trainer writes `trainer_state.json` last, so a run killed while saving leaves a checkpoint without a readable
+    one; that checkpoint is skipped.
+    """
+    steps = sorted((int(path.name.rsplit("-", 1)[1]), path) for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if path.name.rsplit("-", 1)[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / TRAINER_STATE_NAME).read_text())
+            return str(path)
+        except (OSError, json.JSONDecodeError):
+            continue
+    raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint in {output_dir}")
+
+
 def main(argv: list[str] | None = None) -> Trainer:
     project, training = parse_args(argv)
+    resume = training.resume_from_checkpoint
+    if resume == "last":
+        resume = last_complete_checkpoint(training.output_dir)
     trainer = build_trainer(project, training)
-    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     save_outputs(trainer, project)
     return trainer
 
