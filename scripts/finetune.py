@@ -67,18 +67,18 @@ ACTIVATION_CHECKPOINTING = "activation_checkpointing"
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def option(default=None, help: str = "", dashed: str | None = None, **kwargs):
+def option(default=None, help: str = "", dashed: str | None = None, required: bool = False):
     """A dataclass field for HfArgumentParser; `dashed` adds the `--with-dashes` spelling of the flag."""
     metadata = {"help": help, **({"aliases": [dashed]} if dashed else {})}
-    return field(default=default, metadata=metadata, **kwargs)
+    return field(metadata=metadata) if required else field(default=default, metadata=metadata)
 
 
 @dataclass
 class ProjectArguments:
     """The project's own options; everything else is `TrainingArguments`."""
 
-    model: str = option(help="model dir (weights, config and code files) or hub id")
-    data: str = option(help="JSON-lines (or JSON list) file of chat samples")
+    model: str = option(help="model dir (weights, config and code files) or hub id", required=True)
+    data: str = option(help="JSON-lines (or JSON list) file of chat samples", required=True)
     processor: str | None = option(help="processor dir (default: --model)")
     media_root: str | None = option(help="folder of relative media paths (default: the data file's)",
                                     dashed="--media-root")
@@ -103,8 +103,6 @@ class ProjectArguments:
                                          "DIR/ratios.rank{N}.jsonl", dashed="--log-ratios")
 
     def __post_init__(self):
-        if self.model is None or self.data is None:
-            raise ValueError("--model and --data are required")
         if self.train not in TRAIN_MODES:
             raise ValueError(f"--train must be one of {TRAIN_MODES}, got {self.train!r}")
         if self.merge and self.train != "lora":
