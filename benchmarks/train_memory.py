@@ -35,6 +35,11 @@ WARMUP_FRAMES = 2
 
 def run_point(spec: dict) -> dict:
     """One training step in this (fresh) process."""
+    if spec.get("mem_limit_gb"):  # fail with MemoryError instead of waking the OOM killer
+        import resource
+
+        limit = int(spec["mem_limit_gb"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     sys.path.insert(0, str(REPO_ROOT))
     import torch
 
@@ -46,8 +51,9 @@ def run_point(spec: dict) -> dict:
     model = build_model(spec["size"], device, dtype, spec["attn"])
     model = finetune.select_trainable(model, SimpleNamespace(train=spec["trainable"], lora_r=16, lora_alpha=32,
                                                              lora_dropout=0.0))
-    if spec["checkpointing"]:
+    if spec["checkpointing"]:  # as Trainer does it, then scripts/finetune.py's NoInputGradsUnderCheckpointing
         getattr(model, f"{finetune.ACTIVATION_CHECKPOINTING}_enable")()
+        model.disable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     config = model.config
@@ -93,6 +99,14 @@ def measure(spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def merged(earlier: list[dict], records: list[dict]) -> list[dict]:
+    """The records of earlier runs, with this run's replacing those of the same point."""
+    key = lambda r: (r["trainable"], r["checkpointing"], r["frames"])  # noqa: E731
+    points = {key(r): r for r in earlier}
+    points.update((key(r), r) for r in records)
+    return list(points.values())
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -128,20 +142,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per point before it is skipped")
     parser.add_argument("--skip", default="", help="points not to run, e.g. 'all/off/512,llm/off/512'")
-    parser.add_argument("--json", help="write the records here")
+    parser.add_argument("--mem-limit-gb", type=float, default=None, help="address-space cap of each point")
+    parser.add_argument("--json", help="write the records here; points already in it are not run again")
     args = parser.parse_args(argv)
     if args.point:
         print(json.dumps(run_point(json.loads(args.point))))
         return 0
 
     skip = {tuple(item.split("/")) for item in args.skip.split(",") if item}
+    earlier = json.loads(Path(args.json).read_text())["records"] if args.json and Path(args.json).exists() else []
+    done = {(r["trainable"], r["checkpointing"], r["frames"]): r for r in earlier if not r.get("skipped")}
     records = []
     for trainable in args.trainable.split(","):
         for checkpointing in {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]:
             for frames in (int(f) for f in args.frames.split(",")):
                 spec = dict(size=args.size, frames=frames, trainable=trainable, checkpointing=checkpointing,
                             ratio=args.ratio, device=args.device, dtype=args.dtype, attn=args.attn,
-                            threads=args.threads)
+                            threads=args.threads, mem_limit_gb=args.mem_limit_gb)
+                if (trainable, checkpointing, frames) in done:
+                    records.append(done[(trainable, checkpointing, frames)])
+                    continue
                 if (trainable, "on" if checkpointing else "off", str(frames)) in skip:
                     records.append({**spec, "skipped": "not run (--skip)"})
                     continue
@@ -149,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(record)
                 print(json.dumps(record), flush=True)
                 if args.json:
-                    Path(args.json).write_text(json.dumps({"records": records}, indent=1))
-    print(markdown_table(records))
+                    Path(args.json).write_text(json.dumps({"records": merged(earlier, records)}, indent=1))
+    print(markdown_table(merged(earlier, records)))
     return 0
 
 

@@ -599,3 +599,35 @@ def test_command_line_takes_every_trainer_flag_and_the_projects_options():
         finetune.parse_args(["--model", "m", "--data", "d.jsonl", "--merge"])
     with pytest.raises(ValueError, match="--train must be one of"):
         finetune.parse_args(["--model", "m", "--data", "d.jsonl", "--train", "vision"])
+
+
+@pytest.mark.parametrize("mode", ["llm", "lora"])
+def test_checkpointing_keeps_a_frozen_vision_tower_out_of_the_graph_with_the_same_gradients(mode):
+    """Enabling activation checkpointing makes CLIP's patch embeddings require grad (transformers hooks the input
+    embeddings of every sub-model): a frozen tower would record its activations for every window. The callback
+    removes that; the trainable parameters' gradients stay those of the plain model."""
+    ids, pixels = video_prompt(8), random_frames(8)
+    labels = answer_labels(ids, 3)
+
+    def run(checkpointing: bool, callback: bool) -> tuple[bool, dict]:
+        model = finetune.select_trainable(tiny_model(), SimpleNamespace(train=mode, lora_r=4, lora_alpha=8,
+                                                                        lora_dropout=0.0)).train()
+        if checkpointing:
+            getattr(model, f"{finetune.ACTIVATION_CHECKPOINTING}_enable")()
+        if callback:
+            args = SimpleNamespace(**{finetune.ACTIVATION_CHECKPOINTING: True,
+                                      f"{finetune.ACTIVATION_CHECKPOINTING}_kwargs": None})
+            finetune.NoInputGradsUnderCheckpointing().on_train_begin(args, None, None, model=model)
+        recorded = []
+        tower = finetune.core_model(model).vision_tower
+        tower.register_forward_hook(lambda module, inputs, output: recorded.append(output.requires_grad))
+        model(ids, pixel_values_videos=pixels, labels=labels, compression_ratio=4).loss.backward()
+        return any(recorded), grads_of(model)
+
+    plain_records, plain = run(checkpointing=False, callback=False)
+    hooked_records, _ = run(checkpointing=True, callback=False)
+    fixed_records, fixed = run(checkpointing=True, callback=True)
+    assert (plain_records, hooked_records, fixed_records) == (False, True, False)
+    assert plain.keys() == fixed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(fixed[name], plain[name], atol=1e-7, rtol=1e-5, msg=name)
