@@ -51,9 +51,9 @@ def run_point(spec: dict) -> dict:
     model = build_model(spec["size"], device, dtype, spec["attn"])
     model = finetune.select_trainable(model, SimpleNamespace(train=spec["trainable"], lora_r=16, lora_alpha=32,
                                                              lora_dropout=0.0))
-    if spec["checkpointing"]:  # as Trainer does it, then scripts/finetune.py's NoInputGradsUnderCheckpointing
+    if spec["checkpointing"]:  # as Trainer does it, then scripts/finetune.py's CheckpointOnlyWhatTrains
         getattr(model, f"{finetune.ACTIVATION_CHECKPOINTING}_enable")()
-        model.disable_input_require_grads()
+        finetune.checkpoint_only_what_trains(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     config = model.config

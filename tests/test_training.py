@@ -604,8 +604,8 @@ def test_command_line_takes_every_trainer_flag_and_the_projects_options():
 @pytest.mark.parametrize("mode", ["llm", "lora"])
 def test_checkpointing_keeps_a_frozen_vision_tower_out_of_the_graph_with_the_same_gradients(mode):
     """Enabling activation checkpointing makes CLIP's patch embeddings require grad (transformers hooks the input
-    embeddings of every sub-model): a frozen tower would record its activations for every window. The callback
-    removes that; the trainable parameters' gradients stay those of the plain model."""
+    embeddings of every sub-model) and checkpoints CLIP's layers, which then keep their inputs: a frozen tower would
+    hold activations for every window. The callback removes both; the gradients stay those of the plain model."""
     ids, pixels = video_prompt(8), random_frames(8)
     labels = answer_labels(ids, 3)
 
@@ -617,10 +617,15 @@ def test_checkpointing_keeps_a_frozen_vision_tower_out_of_the_graph_with_the_sam
         if callback:
             args = SimpleNamespace(**{finetune.ACTIVATION_CHECKPOINTING: True,
                                       f"{finetune.ACTIVATION_CHECKPOINTING}_kwargs": None})
-            finetune.NoInputGradsUnderCheckpointing().on_train_begin(args, None, None, model=model)
+            finetune.CheckpointOnlyWhatTrains().on_train_begin(args, None, None, model=model)
         recorded = []
         tower = finetune.core_model(model).vision_tower
         tower.register_forward_hook(lambda module, inputs, output: recorded.append(output.requires_grad))
+        clip_layers = tower.vision_tower.vision_model.encoder.layers
+        if callback:
+            assert not any(layer.gradient_checkpointing for layer in clip_layers)
+        elif checkpointing:
+            assert all(layer.gradient_checkpointing for layer in clip_layers)
         model(ids, pixel_values_videos=pixels, labels=labels, compression_ratio=4).loss.backward()
         return any(recorded), grads_of(model)
 
