@@ -272,17 +272,19 @@ def check_dataset(
             for media in as_list(sample.get(key)):
                 if isinstance(media, str) and "://" not in media and not Path(media).is_file():
                     raise FileNotFoundError(f"{where}: {key} file not found: {media}")
-        if same_visual_layout:
-            layout = visual_tokens(sample, processor, sampling)
-            first_layout = layout if first_layout is None else first_layout
-            if layout != first_layout:
-                raise ValueError(
-                    f"{where}: the sample's visual tokens per video / images are {layout}, the first sample's "
-                    f"{first_layout}; under FSDP and ZeRO-3 every sample must run the same windows (same number of frames, "
-                    "videos and image tiles), or the processes' collectives stop matching"
-                )
+        try:
+            layout = visual_tokens(sample, processor, sampling) if same_visual_layout or max_length is not None else []
+        except Exception as err:  # an unreadable header: PyAV's errors, or the processor's for an image
+            raise ValueError(f"{where}: a media file cannot be read ({type(err).__name__}: {err})") from err
+        first_layout = layout if first_layout is None else first_layout
+        if same_visual_layout and layout != first_layout:
+            raise ValueError(
+                f"{where}: the sample's visual tokens per video / images are {layout}, the first sample's "
+                f"{first_layout}; under FSDP and ZeRO-3 every sample must run the same windows (same number of "
+                "frames, videos and image tiles), or the processes' collectives stop matching"
+            )
         if max_length is not None:
-            length = sample_length(sample, messages, processor, sampling)
+            length = text_length(messages, processor) + sum(layout)
             if length > max_length:
                 raise ValueError(
                     f"{where}: the sample has {length} tokens, more than max_length={max_length}; sample fewer "
@@ -294,13 +296,12 @@ def check_dataset(
     return samples
 
 
-def sample_length(sample: dict, messages: list[dict], processor, sampling: dict) -> int:
-    """Tokens of a sample once its markers are expanded."""
+def text_length(messages: list[dict], processor) -> int:
+    """Tokens of a sample's rendered chat, its image and video markers left out."""
     template_ids = processor.tokenizer.apply_chat_template(
         messages, chat_template=processor.chat_template, tokenize=True, return_dict=True
     )["input_ids"]
-    markers = sum(token in (processor.video_token_id, processor.image_token_id) for token in template_ids)
-    return len(template_ids) - markers + sum(visual_tokens(sample, processor, sampling))
+    return sum(token not in (processor.video_token_id, processor.image_token_id) for token in template_ids)
 
 
 def visual_tokens(sample: dict, processor, sampling: dict) -> list[int]:

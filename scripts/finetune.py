@@ -58,7 +58,10 @@ TRAIN_MODES = ("all", "llm", "vst", "projector", "lora")
 # Decoder attention (with the VST copies beacon_{q,k,v}_proj) and MLP linears; the vision tower's q/k/v_proj are not
 # matched because the pattern is anchored at the decoder layers.
 LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o|beacon_q|beacon_k|beacon_v)_proj|mlp\.(gate|up|down)_proj)"
-# The one TrainingArguments name here that moved between transformers 5.x releases (older: gradient_checkpointing).
+# Names that moved between transformers 5.x releases (written for 5.24), for the compatibility module to map:
+# the TrainingArguments flag and `<name>_kwargs`, and the model methods `<name>_enable` / `<name>_disable` (older
+# releases: gradient_checkpointing). Also version-sensitive, in VideoXLTrainingArguments: `warmup_steps` taking a
+# fraction (older: `warmup_ratio`); in the README: a bare `--fsdp` with `--fsdp_config` (older: "full_shard auto_wrap").
 ACTIVATION_CHECKPOINTING = "activation_checkpointing"
 
 

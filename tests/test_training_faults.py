@@ -114,6 +114,9 @@ def test_a_missing_media_file_stops_the_run_before_training_naming_it(assets, tm
     with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(data))}:3: video file not found: {re.escape(str(tmp_path / 'gone.mp4'))}$"):
         run_on(assets, data, tmp_path)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "gone.mp4").write_text("not a video")  # present but unreadable: its header is read (fps sampling)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(data))}:3: a media file cannot be read"):
+        run_on(assets, data, tmp_path, "--max-length", "100000")
 
 
 def test_a_sample_over_max_length_stops_the_run_before_training_naming_it(assets, tmp_path):
