@@ -118,7 +118,9 @@ def markdown_table(records: list[dict]) -> str:
     for r in sorted(records, key=lambda r: (r["trainable"], not r["checkpointing"], r["frames"])):
         on = "on" if r["checkpointing"] else "off"
         if r.get("skipped"):
-            lines.append(f"| {r['trainable']} | {on} | {r['frames']} | skipped: {r['skipped']} | | | | |")
+            reason = (f"over the {r.get('mem_limit_gb')} GB address-space cap" if "allocate memory" in r["skipped"]
+                      else r["skipped"][:80])
+            lines.append(f"| {r['trainable']} | {on} | {r['frames']} | not measured: {reason} | | | | |")
             continue
         reference = peaks.get((r["trainable"], r["checkpointing"], 128))
         growth = r["peak_mb"] / reference if reference else None

@@ -636,3 +636,17 @@ def test_checkpointing_keeps_a_frozen_vision_tower_out_of_the_graph_with_the_sam
     assert plain.keys() == fixed.keys() and len(plain) > 0
     for name in plain:
         torch.testing.assert_close(fixed[name], plain[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_training_memory_benchmark_runs_one_step_per_point(tmp_path):
+    """benchmarks/train_memory.py (a benchmark, not a test of speed): one point of the tiny preset end to end."""
+    from benchmarks.train_memory import main, markdown_table
+
+    out = tmp_path / "train_memory.json"
+    assert main(["--size", "tiny", "--frames", "4", "--trainable", "lora", "--checkpointing", "on",
+                 "--json", str(out)]) == 0
+    [record] = json.loads(out.read_text())["records"]
+    assert "skipped" not in record, record
+    assert record["peak_mb"] >= record["base_mb"] > 0 and record["step_s"] > 0
+    assert 0 < record["trainable_params"] < 100_000  # the adapters only
+    assert "| lora | on | 4 |" in markdown_table([record])
