@@ -154,6 +154,43 @@ class Step:
         return offset + offset // self.ratio if self.is_window else offset
 
 
+class RatioSchedule:
+    """The per-window training ratios: uniform draws from a ratio list with a generator of its own.
+
+    Trainers reseed it (`reseed`) to keep processes in step and may record what every forward drew
+    (`start_recording`, then `take_recorded`); the model only draws through it.
+    """
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.recorded: list[list[int]] | None = None  # one list per forward while recording
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def start_recording(self) -> None:
+        self.recorded = []
+
+    def take_recorded(self) -> list[list[int]]:
+        """The draws of every forward since the last call, one list per forward."""
+        if self.recorded is None:
+            raise RuntimeError("the ratio schedule is not recording; call start_recording() first")
+        recorded, self.recorded = self.recorded, []
+        return recorded
+
+    def sampler(self, choices: list[int]) -> Callable[[], int]:
+        """A draw function for one forward."""
+        drawn: list[int] = []
+        if self.recorded is not None:
+            self.recorded.append(drawn)
+
+        def draw() -> int:
+            drawn.append(choices[torch.randint(len(choices), (1,), generator=self.generator).item()])
+            return drawn[-1]
+
+        return draw
+
+
 def allowed_ratios(config: VideoXLConfig) -> list[int]:
     """Ratios that divide every window: the window length and the tokens of one frame or tile."""
     unit = torch.gcd(torch.tensor(config.beacon_window), torch.tensor(config.tokens_per_frame)).item()
@@ -486,7 +523,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             ACT2FN[config.projector_hidden_act],
             nn.Linear(text.hidden_size, text.hidden_size),
         )
-        self.ratio_generator = torch.Generator().manual_seed(config.ratio_seed)
+        self.ratio_schedule = RatioSchedule(config.ratio_seed)
         self._warned_positions = False
         self.post_init()
 
@@ -498,7 +535,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
 
     def seed_compression_ratios(self, seed: int) -> None:
         """Reseed the draw of per-window training ratios (same seed on every process keeps ranks in step)."""
-        self.ratio_generator.manual_seed(seed)
+        self.ratio_schedule.reseed(seed)
 
     # ---- visual features ---------------------------------------------------------------------------------------
 
@@ -864,7 +901,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             ratio = check_ratio(self.config.beacon_ratio, self.config)
             return lambda: ratio
         choices = [check_ratio(r, self.config) for r in self.config.beacon_train_ratios]
-        return lambda: choices[torch.randint(len(choices), (1,), generator=self.ratio_generator).item()]
+        return self.ratio_schedule.sampler(choices)
 
     @staticmethod
     def input_validity(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
