@@ -334,7 +334,24 @@ def model_location(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def check_sharded_batch(training: TrainingArguments) -> bool:
+    """Whether the run shards weights (FSDP, ZeRO-3); such a run takes one sample per micro-batch.
+
+    FSDP and ZeRO-3 gather a layer's weights each time it runs (per window), so every process must run the layers
+    as often. Samples of one micro-batch whose visual tokens sit in different columns run one after another, so with
+    more than one the count would depend on how each process's text happens to line up.
+    """
+    sharded = bool(training.fsdp) or is_deepspeed_zero3_enabled()
+    if sharded and training.per_device_train_batch_size > 1:
+        raise ValueError(
+            "FSDP and DeepSpeed ZeRO-3 need --per_device_train_batch_size 1 here (use "
+            f"--gradient_accumulation_steps for larger batches), got {training.per_device_train_batch_size}"
+        )
+    return sharded
+
+
 def build_trainer(project: ProjectArguments, training: TrainingArguments) -> Trainer:
+    sharded = check_sharded_batch(training)
     # `training` exists before the model: under DeepSpeed ZeRO-3 it makes from_pretrained load the weights sharded.
     model = load_model(model_location(project.model), project.attn_implementation)
     processor = load_processor(model_location(project.processor or project.model), model.config)
@@ -342,9 +359,8 @@ def build_trainer(project: ProjectArguments, training: TrainingArguments) -> Tra
     sampling = {key: value for key, value in
                 dict(num_frames=project.num_frames, fps=project.fps, max_frames=project.max_frames).items()
                 if value is not None}
-    # FSDP and ZeRO-3 gather a layer's weights each time it runs (per window): every process must run as many.
     dataset = check_dataset(project.data, processor, sampling, project.max_length, project.media_root,
-                            same_visual_layout=bool(training.fsdp) or is_deepspeed_zero3_enabled())
+                            same_visual_layout=sharded)
     model = select_trainable(model, project)
     collator = VideoXLCollator(processor, **sampling, max_length=project.max_length,
                                compression_ratio=project.ratio)

@@ -591,6 +591,12 @@ def test_command_line_takes_every_trainer_flag_and_the_projects_options():
     assert getattr(training, finetune.ACTIVATION_CHECKPOINTING) and training.fsdp
     assert isinstance(training, TrainingArguments) and training.report_to == []
 
+    assert finetune.check_sharded_batch(training)
+    with pytest.raises(ValueError, match="need --per_device_train_batch_size 1 here"):
+        finetune.check_sharded_batch(finetune.parse_args([
+            "--model", "m", "--data", "d.jsonl", "--fsdp", "full_shard auto_wrap", "--per_device_train_batch_size", "2",
+        ])[1])
+
     defaults = finetune.parse_args(["--model", "m", "--data", "d.jsonl", "--ratio", "4"])[1]
     assert (defaults.learning_rate, defaults.lr_scheduler_type, defaults.warmup_steps) == (1e-5, "cosine", 0.03)
     assert defaults.per_device_train_batch_size == 1 and not defaults.remove_unused_columns
