@@ -330,6 +330,14 @@ def check_pixel_values(name: str, pixels: torch.Tensor) -> None:
             f"{name} ranges over [{low:.4g}, {high:.4g}]; CLIP-normalised pixels lie in about [-1.8, 2.2] "
             f"(refused beyond +-{PIXEL_LIMIT:g}). Were they normalised? Raw 0..255 frames need the processor."
         )
+    if low >= 0.0 and high <= 1.0:
+        # Normalised pixels go below 0 wherever a channel is darker than its CLIP mean (about 117 of 255) and above
+        # 1 where it is brighter than mean + std (about 190): only frames of nothing but mid tones land in [0, 1].
+        raise ValueError(
+            f"{name} lies entirely in [0, 1] ([{low:.4g}, {high:.4g}]): pixels scaled to 0..1 but not CLIP-normalised? "
+            "Normalised frames hold negative values wherever a channel is darker than its CLIP mean. Use the "
+            "processor, or subtract the CLIP mean and divide by its std."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------

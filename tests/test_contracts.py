@@ -312,10 +312,11 @@ def test_swapped_video_and_image_order_equals_each_alone():
     [
         ((random_frames(2) * 60 + 128).clamp(0, 255).to(torch.uint8), "floating-point pixels.*torch.uint8"),
         ((random_frames(2) * 60 + 128).clamp(0, 255), r"pixel_values_videos ranges over \[0, 255\].*Were they normalised"),
+        ((random_frames(2) * 0.25 + 0.5).clamp(0, 1), r"pixel_values_videos lies entirely in \[0, 1\].*not CLIP-normalised"),
         (random_frames(2).index_put((torch.tensor(0),), torch.tensor(float("nan"))), "pixel_values_videos holds NaN or infinite"),
         (random_frames(2).index_put((torch.tensor(0),), torch.tensor(float("inf"))), "pixel_values_videos holds NaN or infinite"),
     ],
-    ids=["uint8", "raw-0-255-floats", "nan", "inf"],
+    ids=["uint8", "raw-0-255-floats", "unnormalised-0-1-floats", "nan", "inf"],
 )
 def test_pixels_the_model_cannot_have_been_meant_to_see_are_refused(pixels, message):
     model = tiny_model()
