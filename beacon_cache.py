@@ -95,7 +95,7 @@ def frame_digests(frames: torch.Tensor) -> torch.Tensor:
     sum of the float32 bit patterns and their sum under fixed random weights. Any changed pixel changes the first,
     and integer sums give the same numbers on every device and in every order (weights < 2**12 keep the sums far
     from overflow)."""
-    flat = frames.reshape(frames.shape[0], -1)
+    flat = frames.flatten(1)  # also for no frames (a sample of a stacked batch without this kind)
     key = (flat.shape[1], str(flat.device))
     if key not in _DIGEST_WEIGHTS:
         generator = torch.Generator().manual_seed(0x5EED)
@@ -214,6 +214,57 @@ class BeaconCache(Cache):
         self.absorbed_ids, self.frame_digests, self.ratios, self.compressed_rows = (
             absorbed_ids, frame_digests, ratios, compressed_rows
         )
+
+    @classmethod
+    def stack(
+        cls, caches: list["BeaconCache"], absorbed_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> "BeaconCache":
+        """One batched cache from single-sample caches (each `[1, ...]`), e.g. prompts prefilled one at a time.
+
+        `absorbed_ids` `[batch, seq]` is the padded prompt the batch decodes from, `attention_mask` `[batch, seq]`
+        its padding (0); each cache holds the rows of its sample's tokens. Each sample's rows are left-padded with
+        invalid rows to the longest, so the raw text rows after the last window line up with the last columns
+        where every sample ends in text (only those can be rewound or cropped). Frame digests are padded with
+        zeros after a sample's own frames. `ratios` lists the samples' ratios in turn.
+
+        The given caches are emptied: their rows are released layer by layer as they are copied, so stacking needs
+        one layer's rows on top of the samples' memory, not a second copy of all of it.
+        """
+        if not caches or any(cache.seen_tokens == 0 or cache.absorbed_ids.shape[0] != 1 for cache in caches):
+            raise ValueError("stack takes a non-empty list of non-empty single-sample caches")
+        if absorbed_ids.shape[0] != len(caches):
+            raise ValueError(f"absorbed_ids has {absorbed_ids.shape[0]} rows for {len(caches)} caches")
+        rows = [cache.get_seq_length() for cache in caches]
+        tails = [length - cache.compressed_rows for length, cache in zip(rows, caches)]
+        if any(tail > absorbed_ids.shape[1] for tail in tails):
+            raise ValueError("a cache holds more raw text rows than absorbed_ids has columns")
+        tokens = torch.ones_like(absorbed_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        unpadded_ends = tokens.flip(1).long().cumprod(dim=1).sum(dim=1).tolist()  # columns after the last padding
+        longest = max(rows)
+        stacked = cls(len(caches[0].layers))
+        for token_id in {token_id for cache in caches for token_id in cache.frame_digests}:
+            digests = [cache.frame_digests.get(token_id) for cache in caches]
+            frames = max(d.shape[1] for d in digests if d is not None)
+            template = next(d for d in digests if d is not None)
+            stacked.frame_digests[token_id] = torch.cat([
+                template.new_zeros(1, frames, 2) if d is None else _right_pad(d, frames, dim=1) for d in digests
+            ])
+        valid = torch.cat([_left_pad(cache.key_mask, longest, dim=1) for cache in caches])
+        kept = []
+        for layer_idx in range(len(stacked.layers)):
+            layers = [cache.layers[layer_idx] for cache in caches]
+            keys = torch.cat([_left_pad(layer.keys, longest, dim=2) for layer in layers])
+            values = torch.cat([_left_pad(layer.values, longest, dim=2) for layer in layers])
+            kept.append((keys, values))
+            for layer in layers:
+                layer.reset()
+        stacked.commit(kept, valid, absorbed_ids)
+        stacked.compressed_rows = longest - min(min(tail, end) for tail, end in zip(tails, unpadded_ends))
+        stacked.ratios = [ratio for cache in caches for ratio in cache.ratios]
+        stacked.model_id = caches[0].model_id
+        for cache in caches:
+            cache.reset()
+        return stacked
 
     # ---- Cache operations ------------------------------------------------------------------------------------------
 
@@ -347,12 +398,15 @@ class BeaconCache(Cache):
         if common < absorbed:
             self.rewind(common)
 
-    def check_frames(self, token_id: int, frames: torch.Tensor) -> None:
-        """Refuse pixels `[batch, frames, ...]` whose first frames are not the ones the memory absorbed."""
+    def check_frames(self, token_id: int, frames: list[torch.Tensor]) -> None:
+        """Refuse pixels whose frames are not the ones the memory absorbed. `frames` holds, per sample, the frames
+        `[n, ...]` its absorbed tokens of `token_id` stand for (samples of a stacked batch may hold different
+        counts; their digests are zero-padded)."""
         known = self.frame_digests.get(token_id)
         if known is None or known.shape[1] == 0:
             return
-        given = torch.stack([frame_digests(sample[: known.shape[1]]) for sample in frames])
+        frames_known = known.shape[1]
+        given = torch.stack([_right_pad(frame_digests(sample[:frames_known]), frames_known, 0) for sample in frames])
         if not torch.equal(given.to(known.device), known):
             raise ValueError(
                 f"the pixels given for the {known.shape[1]} frame(s) the cache already holds (token id {token_id}) "
@@ -434,6 +488,20 @@ class BeaconCache(Cache):
         if not cache.compressed_rows <= cache.get_seq_length() or cache.seen_tokens < cache.get_seq_length() - cache.compressed_rows:
             raise ValueError(f"{path} is an inconsistent BeaconCache file (rows and absorbed ids disagree)")
         return cache
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros (False for bool) before `tensor` along `dim` up to `length`."""
+    shape = list(tensor.shape)
+    shape[dim] = length - tensor.shape[dim]
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _right_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros after `tensor` along `dim` up to `length`."""
+    shape = list(tensor.shape)
+    shape[dim] = length - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

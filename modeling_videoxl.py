@@ -6,6 +6,8 @@ memory ([`BeaconCache`]). Text is never compressed.
 
 The compression path reads top to bottom in [`VideoXLModel.forward`]:
 plan steps -> embed a step (encode its frames) -> run the layers -> keep what the keep rule keeps.
+One plan serves a batch whose samples hold the same visual tokens in the same columns; any other batch is prefilled
+sample by sample ([`VideoXLModel.forward_per_sample`]) and decodes from one stacked cache.
 """
 
 import math
@@ -159,6 +161,43 @@ class Step:
         return offset + offset // self.ratio if self.is_window else offset
 
 
+class RatioSchedule:
+    """The per-window training ratios: uniform draws from a ratio list with a generator of its own.
+
+    Trainers reseed it (`reseed`) to keep processes in step and may record what every forward drew
+    (`start_recording`, then `take_recorded`); the model only draws through it.
+    """
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.recorded: list[list[int]] | None = None  # one list per forward while recording
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def start_recording(self) -> None:
+        self.recorded = []
+
+    def take_recorded(self) -> list[list[int]]:
+        """The draws of every forward since the last call, one list per forward."""
+        if self.recorded is None:
+            raise RuntimeError("the ratio schedule is not recording; call start_recording() first")
+        recorded, self.recorded = self.recorded, []
+        return recorded
+
+    def sampler(self, choices: list[int]) -> Callable[[], int]:
+        """A draw function for one forward."""
+        drawn: list[int] = []
+        if self.recorded is not None:
+            self.recorded.append(drawn)
+
+        def draw() -> int:
+            drawn.append(choices[torch.randint(len(choices), (1,), generator=self.generator).item()])
+            return drawn[-1]
+
+        return draw
+
+
 def allowed_ratios(config: VideoXLConfig) -> list[int]:
     """Ratios that divide every window: the window length and the tokens of one frame or tile."""
     unit = torch.gcd(torch.tensor(config.beacon_window), torch.tensor(config.tokens_per_frame)).item()
@@ -194,10 +233,12 @@ def plan_steps(
 ) -> list[Step]:
     """Cut `input_ids` `[batch, seq]` into text steps and visual windows of `beacon_window` tokens.
 
-    Every sample of the batch must have its visual tokens in the same columns (one plan serves the batch).
+    One plan serves the batch: every sample must have the same kind of visual token in the same columns
+    ([`same_layout`]; `VideoXLModel.forward` runs other batches sample by sample).
     """
     visual_ids = (config.video_token_id, config.image_token_id)
-    check_batch_layout(input_ids, visual_ids)
+    if not same_layout(input_ids, visual_ids):
+        raise ValueError("plan_steps needs samples with the same visual layout; run the others one at a time")
     steps, cursor = [], 0
     for start, end, token_id in visual_runs(input_ids[0], visual_ids):
         if start > cursor:
@@ -226,23 +267,11 @@ def plan_steps(
 PIXEL_LIMIT = 10.0
 
 
-def check_batch_layout(input_ids: torch.Tensor, visual_ids: tuple[int, ...]) -> None:
-    """Every sample of a batch must hold the same kind of visual token (video or image) in the same columns: one
-    plan of windows serves the whole batch."""
-    if input_ids.shape[0] < 2:
-        return
+def same_layout(input_ids: torch.Tensor, visual_ids: tuple[int, ...]) -> bool:
+    """Whether every sample of `input_ids` `[batch, seq]` holds the same kind of visual token (video or image) in
+    the same columns, so that one plan of windows serves them all."""
     kinds = input_ids.masked_fill(~torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device)), -1)
-    differs = (kinds != kinds[:1]).any(dim=1)
-    if not differs.any():
-        return
-    sample = int(differs.nonzero()[0])
-    column = int((kinds[sample] != kinds[0]).nonzero()[0])
-    names = {visual_ids[0]: "a video token", visual_ids[1]: "an image token", -1: "text"}
-    raise ValueError(
-        "Every sample in a batch must have the same kind of visual token (video or image) in the same columns "
-        f"(same prompt layout): at column {column} sample 0 has {names[int(kinds[0, column])]} and sample {sample} "
-        f"has {names[int(kinds[sample, column])]}. Run prompts with different layouts one at a time."
-    )
+    return bool((kinds == kinds[:1]).all())
 
 
 def check_input_ids(input_ids: torch.Tensor | None, config: VideoXLConfig) -> None:
@@ -307,6 +336,14 @@ def check_pixel_values(name: str, pixels: torch.Tensor) -> None:
         raise ValueError(
             f"{name} ranges over [{low:.4g}, {high:.4g}]; CLIP-normalised pixels lie in about [-1.8, 2.2] "
             f"(refused beyond +-{PIXEL_LIMIT:g}). Were they normalised? Raw 0..255 frames need the processor."
+        )
+    if low >= 0.0 and high <= 1.0:
+        # Normalised pixels go below 0 wherever a channel is darker than its CLIP mean (about 117 of 255) and above
+        # 1 where it is brighter than mean + std (about 190): only frames of nothing but mid tones land in [0, 1].
+        raise ValueError(
+            f"{name} lies entirely in [0, 1] ([{low:.4g}, {high:.4g}]): pixels scaled to 0..1 but not CLIP-normalised? "
+            "Normalised frames hold negative values wherever a channel is darker than its CLIP mean. Use the "
+            "processor, or subtract the CLIP mean and divide by its std."
         )
 
 
@@ -501,7 +538,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             ACT2FN[config.projector_hidden_act],
             nn.Linear(text.hidden_size, text.hidden_size),
         )
-        self.ratio_generator = torch.Generator().manual_seed(config.ratio_seed)
+        self.ratio_schedule = RatioSchedule(config.ratio_seed)
         self._warned_positions = False
         self.post_init()
 
@@ -513,7 +550,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
 
     def seed_compression_ratios(self, seed: int) -> None:
         """Reseed the draw of per-window training ratios (same seed on every process keeps ranks in step)."""
-        self.ratio_generator.manual_seed(seed)
+        self.ratio_schedule.reseed(seed)
 
     # ---- visual features ---------------------------------------------------------------------------------------
 
@@ -693,8 +730,13 @@ class VideoXLModel(VideoXLPreTrainedModel):
         cache.bind(model_identity(self.config))
         self.check_run_continues(cache, input_ids)
         visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
-        steps = plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
         valid = self.input_validity(attention_mask, input_ids)
+        if not same_layout(input_ids, (self.config.video_token_id, self.config.image_token_id)):
+            return self.forward_per_sample(
+                input_ids, valid, visual_inputs, cache, compression_ratio, output_columns, use_cache,
+                output_hidden_states,
+            )
+        steps = plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
         columns = torch.arange(length, device=input_ids.device) if output_columns is None else output_columns
 
         outputs, visual_seen, kept_states = [], {token_id: 0 for token_id in visual_inputs}, []
@@ -730,6 +772,87 @@ class VideoXLModel(VideoXLPreTrainedModel):
             hidden_states=self.kept_hidden_states(kept_states) if output_hidden_states else None,
             **cache_field(cache if use_cache is not False else None),
         )
+
+    def forward_per_sample(
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor,
+        visual_inputs: dict[int, torch.Tensor],
+        cache: BeaconCache,
+        compression_ratio: int | None,
+        output_columns: torch.Tensor | None,
+        use_cache: bool | None,
+        output_hidden_states: bool,
+    ) -> BaseModelOutputWithPast:
+        """A batch of prompts with different layouts (other frame counts, videos beside images or text, other
+        question lengths): each sample runs alone, with its own windows, ratios and positions, and the samples'
+        caches are stacked into one padded cache ([`BeaconCache.stack`]) that the batch decodes from.
+
+        A sample runs on its own tokens only (exactly as alone); outputs at its padding columns are zeros, and
+        `hidden_states` rows are left-padded with zeros like the cache.
+        """
+        if cache.seen_tokens:
+            raise ValueError(
+                "prompts with different layouts (visual tokens of other kinds or in other columns) share a batch only "
+                "from an empty cache: pass cache=None, or run them one at a time."
+            )
+        batch, length = input_ids.shape
+        device = input_ids.device
+        columns = torch.arange(length, device=device) if output_columns is None else output_columns
+        frames = self.frames_per_sample(input_ids, visual_inputs)
+        caches, states, kept_states = [], [], []
+        for i in range(batch):
+            run_columns = valid[i].nonzero().squeeze(1)
+            local = torch.full((length,), -1, dtype=torch.long, device=device)
+            local[run_columns] = torch.arange(run_columns.numel(), device=device)
+            wanted = local[columns] >= 0
+            out = self(
+                input_ids[i : i + 1, run_columns],
+                pixel_values_videos=frames[i].get(self.config.video_token_id),
+                pixel_values=frames[i].get(self.config.image_token_id),
+                compression_ratio=compression_ratio,
+                output_columns=local[columns][wanted],
+                output_hidden_states=output_hidden_states,
+            )
+            caches.append(out.cache)
+            if out.last_hidden_state is not None:
+                zeros = out.last_hidden_state.new_zeros(1, columns.numel(), out.last_hidden_state.shape[-1])
+                states.append(zeros.index_copy(1, wanted.nonzero().squeeze(1), out.last_hidden_state))
+            elif columns.numel():
+                states.append(None)
+            if output_hidden_states:
+                kept_states.append(out.hidden_states)
+        ran = [state for state in states if state is not None]
+        states = [ran[0].new_zeros(ran[0].shape) if state is None else state for state in states] if ran else []
+        hidden_states = None
+        if output_hidden_states:
+            rows = max(sample[0].shape[1] for sample in kept_states)
+            pad = lambda t: nn.functional.pad(t, (0, 0, rows - t.shape[1], 0))  # noqa: E731
+            hidden_states = tuple(torch.cat([pad(t) for t in layer]) for layer in zip(*kept_states))
+        return BaseModelOutputWithPast(
+            last_hidden_state=torch.cat(states) if states else None,
+            cache=BeaconCache.stack(caches, input_ids, valid) if use_cache is not False else None,
+            hidden_states=hidden_states,
+        )
+
+    def frames_per_sample(
+        self, input_ids: torch.Tensor, visual_inputs: dict[int, torch.Tensor]
+    ) -> list[dict[int, torch.Tensor]]:
+        """Split each kind's frames `[n, 3, H, W]` (sample after sample) by the samples' visual token counts."""
+        per_frame = self.config.tokens_per_frame
+        samples = [{} for _ in range(input_ids.shape[0])]
+        for token_id, frames in visual_inputs.items():
+            counts = (input_ids == token_id).sum(dim=1)
+            if (counts % per_frame).any():
+                sample = int((counts % per_frame).nonzero()[0])
+                raise ValueError(
+                    f"sample {sample} has {int(counts[sample])} tokens with id {token_id}: not whole frames or tiles "
+                    f"of {per_frame} tokens"
+                )
+            for sample, chunk in zip(samples, frames.split((counts // per_frame).tolist())):
+                if chunk.shape[0]:
+                    sample[token_id] = chunk
+        return samples
 
     # ---- standard outputs --------------------------------------------------------------------------------------
 
@@ -793,7 +916,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             ratio = check_ratio(self.config.beacon_ratio, self.config)
             return lambda: ratio
         choices = [check_ratio(r, self.config) for r in self.config.beacon_train_ratios]
-        return lambda: choices[torch.randint(len(choices), (1,), generator=self.ratio_generator).item()]
+        return self.ratio_schedule.sampler(choices)
 
     @staticmethod
     def input_validity(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
@@ -1034,6 +1157,12 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         cache = take_cache(cache, past_key_values)
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: generate needs at least one token of prompt")
+        fresh = kwargs.get("is_first_iteration") or cache is None or cache.seen_tokens == 0
+        if fresh and attention_mask is not None and not attention_mask[:, -1].all():
+            raise ValueError(
+                "generate got a right-padded batch (a prompt ends in padding, so its next token would follow the "
+                "padding): pad on the left for generation (the processor does by default: padding_side='left')."
+            )
         seen = 0
         if cache is not None:
             check_beacon_cache(cache).align(input_ids)
@@ -1052,8 +1181,9 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     def unabsorbed_visual_inputs(
         self, input_ids: torch.Tensor, seen: int, cache: BeaconCache | None, kwargs: dict
     ) -> dict[str, torch.Tensor]:
-        """The pixels of the visual tokens in `input_ids[:, seen:]` (see `prepare_inputs_for_generation`)."""
-        batch, per_frame = input_ids.shape[0], self.config.tokens_per_frame
+        """The pixels of the visual tokens in `input_ids[:, seen:]` (see `prepare_inputs_for_generation`); samples
+        may hold different numbers of frames."""
+        per_frame = self.config.tokens_per_frame
         inputs = {}
         if seen == 0 and kwargs.get("image_sizes") is not None:
             inputs["image_sizes"] = kwargs["image_sizes"]
@@ -1064,24 +1194,30 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             pixels = kwargs.get(name)
             if pixels is None:
                 continue
-            total = int((input_ids == token_id).sum()) // batch
-            new = int((input_ids[:, seen:] == token_id).sum()) // batch
+            total = (input_ids == token_id).sum(dim=1)
+            new = (input_ids[:, seen:] == token_id).sum(dim=1)
             absorbed = total - new
-            frames = pixels.reshape(batch, -1, *pixels.shape[-3:])
-            given = pixels.reshape(-1, *pixels.shape[-3:]).shape[0] // batch * per_frame
-            if absorbed and given == total:
-                if absorbed % per_frame:
-                    raise ValueError(f"the cache ends inside a frame of {name} ({absorbed} tokens absorbed)")
-                if kwargs.get("is_first_iteration"):
-                    cache.check_frames(token_id, frames)
-                pixels = frames[:, absorbed // per_frame :].reshape(-1, *pixels.shape[-3:])
-            elif absorbed and given != new:
-                raise ValueError(
-                    f"{name} holds {given // per_frame} frames per sample: expected the frames of all "
-                    f"{total // per_frame} in input_ids, or of the {new // per_frame} the cache has not absorbed yet"
-                )
-            if new or not absorbed:
+            if not absorbed.any():  # none of them in the cache yet: every frame runs
                 inputs[name] = pixels
+                continue
+            frames = pixels.reshape(-1, *pixels.shape[-3:])
+            given = frames.shape[0] * per_frame
+            if given == int(total.sum()):
+                if (absorbed % per_frame).any():
+                    raise ValueError(f"the cache ends inside a frame of {name} ({absorbed.tolist()} tokens absorbed)")
+                skip = (absorbed // per_frame).tolist()
+                per_sample = frames.split((total // per_frame).tolist())
+                if kwargs.get("is_first_iteration"):
+                    cache.check_frames(token_id, [sample[:n] for sample, n in zip(per_sample, skip)])
+                frames = torch.cat([sample[n:] for sample, n in zip(per_sample, skip)])
+            elif given != int(new.sum()):
+                raise ValueError(
+                    f"{name} holds {given // per_frame} frames: expected the frames of all "
+                    f"{int(total.sum()) // per_frame} in input_ids, or of the {int(new.sum()) // per_frame} the cache "
+                    "has not absorbed yet"
+                )
+            if new.any():
+                inputs[name] = frames
         return inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):

@@ -124,6 +124,9 @@ class VideoXLProcessor(ProcessorMixin):
         self.allow_remote_urls, self.url_timeout = bool(allow_remote_urls), float(url_timeout)
         VideoSampling(num_frames, fps, max_frames).validate()
         super().__init__(tokenizer, image_processor, chat_template=chat_template)
+        # Batches padded outside `__call__` (the pipeline's collate function reads the tokenizer's side) must pad
+        # on the processor's side too: a right-padded prompt would generate after its padding.
+        self.tokenizer.padding_side = padding_side
         self.image_token_id = self._token_id(image_token)
         self.video_token_id = self._token_id(video_token)
 

@@ -34,24 +34,8 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD, IM_START, IM_END, IMAGE, VIDEO, UNK)
 SYSTEM_PROMPT = "You are a helpful assistant."
 SPACE_MARK = "▁"
 
-#: ChatML with media placeholders: a ``video`` item renders as ``<video>\n``, ``image`` as
-#: ``<image>\n``; a default system turn is added when the conversation has none.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n' }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'video' -%}{{ '<video>\n' }}"
-    "{%- elif item['type'] == 'image' -%}{{ '<image>\n' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
+#: The repo's one chat template (ChatML, media placeholders, `{% generation %}` around answers).
+CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "chat_template.jinja").read_text()
 
 
 def make_pre_tokenizer() -> pre_tokenizers.PreTokenizer:

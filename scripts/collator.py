@@ -1,5 +1,8 @@
 """Chat samples -> training batches: `input_ids`, `labels` (assistant answers only) and pixels, via the processor.
 
+The labels are the tokens the chat template marks with `{% generation %}` (`return_assistant_tokens_mask=True`):
+each assistant answer and its `<|im_end|>`.
+
 A sample is LLaVA-style JSON:
 
     {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\\nWhat happens?"},
@@ -11,7 +14,7 @@ start of the first user turn, as LLaVA does.
 """
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +27,48 @@ MEDIA_KEYS = ("video", "image")
 
 
 def read_jsonl(path: str | Path, media_root: str | Path | None = None) -> Iterator[dict]:
-    """Samples of a JSON-lines file (a JSON list works too).
+    """Samples of a JSON-lines file (a JSON list works too), read line by line.
 
     Relative media paths (a string or a list of strings) resolve against `media_root`, by default the file's folder.
+    A line that is not a JSON object with a `conversations` list raises one ValueError naming the file and line.
     """
+    for _, sample in located_samples(path, media_root):
+        yield sample
+
+
+def located_samples(path: str | Path, media_root: str | Path | None = None) -> Iterator[tuple[str, dict]]:
+    """`("file:line", sample)` pairs of `read_jsonl`."""
     path = Path(path)
     root = Path(media_root) if media_root is not None else path.parent
-    text = path.read_text()
-    samples = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    for sample in samples:
+    for where, sample in raw_samples(path):
+        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+            raise ValueError(f"{where}: a sample must be a JSON object with a 'conversations' list, got {sample!r:.200}")
         for key in MEDIA_KEYS:
             if isinstance(sample.get(key), str):
                 sample[key] = resolve(sample[key], root)
             elif isinstance(sample.get(key), list) and all(isinstance(item, str) for item in sample[key]):
                 sample[key] = [resolve(item, root) for item in sample[key]]
-        yield sample
+        yield where, sample
+
+
+def raw_samples(path: Path) -> Iterator[tuple[str, Any]]:
+    """`("file:line", parsed JSON)` for each non-blank line; a file starting with `[` is one JSON list."""
+    with path.open() as file:
+        first = file.read(1)
+        while first.isspace():
+            first = file.read(1)
+        file.seek(0)
+        if first == "[":
+            for index, sample in enumerate(json.load(file)):
+                yield f"{path}: item {index}", sample
+            return
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line.rstrip())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
 def resolve(media: str, root: Path) -> str:
@@ -78,23 +108,42 @@ def to_messages(sample: dict, video_token: str, image_token: str) -> list[dict]:
     return messages
 
 
-def assistant_labels(input_ids: torch.Tensor, header: Sequence[int], end_id: int) -> torch.Tensor:
-    """Labels for one row: the tokens after each assistant header up to and including its `<|im_end|>`."""
-    ids = input_ids.tolist()
-    labels = [IGNORE_INDEX] * len(ids)
-    i, n = 0, len(header)
-    while i <= len(ids) - n:
-        if ids[i : i + n] != list(header):
-            i += 1
-            continue
-        j = i + n
-        while j < len(ids) and ids[j] != end_id:
-            labels[j] = ids[j]
-            j += 1
-        if j < len(ids):
-            labels[j] = ids[j]
-        i = j + 1
-    return torch.tensor(labels, dtype=torch.long)
+def template_labels(
+    input_ids: torch.Tensor, valid: torch.Tensor, template_ids: list[int], assistant_mask: list[int],
+    visual_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Labels for one processed row `[seq]` from the chat template's assistant mask.
+
+    `template_ids` / `assistant_mask` are the template's tokens, one marker per image or video, and its
+    `{% generation %}` mask over them; the processor's row has each marker expanded into a run of visual tokens.
+    The text tokens of both must agree one for one: the mask then carries over to the row's text tokens.
+    """
+    template_ids, mask = torch.tensor(template_ids), torch.tensor(assistant_mask, dtype=torch.bool)
+    template_text = ~torch.isin(template_ids, visual_ids)
+    if mask[~template_text].any():
+        raise ValueError("an assistant answer contains an <image> or <video> marker; answers must be text")
+    row_text = (valid & ~torch.isin(input_ids, visual_ids)).nonzero().squeeze(1)
+    if not torch.equal(input_ids[row_text], template_ids[template_text]):
+        raise ValueError(
+            "the processor's text tokens differ from the chat template's; the processor must render the same "
+            "template (its `chat_template`) and add no special tokens of its own"
+        )
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labelled = row_text[mask[template_text]]
+    labels[labelled] = input_ids[labelled]
+    return labels
+
+
+def labelled_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
+    """`(start, end)` of each run of consecutive labelled positions of a row."""
+    where = (labels != IGNORE_INDEX).nonzero().squeeze(1).tolist()
+    spans: list[tuple[int, int]] = []
+    for position in where:
+        if spans and spans[-1][1] == position:
+            spans[-1] = (spans[-1][0], position + 1)
+        else:
+            spans.append((position, position + 1))
+    return spans
 
 
 class VideoXLCollator:
@@ -117,15 +166,18 @@ class VideoXLCollator:
         self.sampling = {key: value for key, value in options.items() if value is not None}
         self.max_length = max_length
         self.compression_ratio = compression_ratio
-        tokenizer = processor.tokenizer
-        self.header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-        self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.visual_ids = torch.tensor([processor.video_token_id, processor.image_token_id])
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
-        texts, videos, images, answers = [], [], [], []
+        texts, videos, images, answers, templated = [], [], [], [], []
         for sample in samples:
             messages = to_messages(sample, self.processor.video_token, self.processor.image_token)
             texts.append(self.processor.apply_chat_template(messages, tokenize=False))
+            templated.append(self.processor.tokenizer.apply_chat_template(
+                messages, chat_template=self.processor.chat_template, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=True,
+            ))
             answers.append(sum(m["role"] == "assistant" for m in messages))
             videos += as_list(sample.get("video"))
             images += as_list(sample.get("image"))
@@ -143,8 +195,10 @@ class VideoXLCollator:
                 f"a sample has {batch['input_ids'].shape[1]} tokens, more than max_length={self.max_length}; "
                 "sample fewer frames or raise max_length"
             )
-        labels = torch.stack([assistant_labels(row, self.header, self.end_id) for row in batch["input_ids"]])
-        labels = labels.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        labels = torch.stack([
+            template_labels(row, valid.bool(), chat["input_ids"], chat["assistant_masks"], self.visual_ids)
+            for row, valid, chat in zip(batch["input_ids"], batch["attention_mask"], templated)
+        ])
         self.check_every_answer_labelled(labels, answers)
         batch["labels"] = labels
         batch = dict(batch)
@@ -153,13 +207,112 @@ class VideoXLCollator:
         return batch
 
     def check_every_answer_labelled(self, labels: torch.Tensor, answers: list[int]) -> None:
-        """Each assistant turn must give one labelled span closed by `<|im_end|>`; a tokenizer that merges the
-        assistant header with the answer's first characters would otherwise drop the answer from the loss unseen."""
-        found = (labels == self.end_id).sum(dim=1).tolist()
-        for index, (got, expected) in enumerate(zip(found, answers)):
-            if got != expected:
+        """Each assistant turn must give one labelled span ending in `<|im_end|>`: a chat template without
+        `{% generation %}` blocks, or one that marks other text, would otherwise train on the wrong tokens unseen."""
+        for index, (row, expected) in enumerate(zip(labels, answers)):
+            spans = labelled_spans(row)
+            closed = sum(int(row[end - 1]) == self.end_id for _, end in spans)
+            if len(spans) != expected or closed != expected:
                 raise ValueError(
-                    f"sample {index} of the batch has {expected} assistant turns but {got} labelled answers: the "
-                    "tokens of '<|im_start|>assistant\\n' were not found before each answer (does an answer start "
-                    "with whitespace that the tokenizer merges with the header's newline?)"
+                    f"sample {index} of the batch has {expected} assistant turns but {len(spans)} labelled spans "
+                    f"({closed} ending in <|im_end|>): the chat template must wrap each assistant answer and its "
+                    "<|im_end|> in one {% generation %} block"
                 )
+
+
+# ---- checking a dataset before training ------------------------------------------------------------------------------
+
+
+def video_frame_count(video: str, sampling: dict) -> int:
+    """Frames the processor will sample from a video file, from its container header only (nothing decoded).
+
+    Exact for `num_frames` sampling; for `fps` sampling the duration comes from the header, so the count can be off
+    by a frame (the collator still refuses a batch over `max_length`).
+    """
+    if sampling.get("fps") is not None:
+        import av
+
+        with av.open(video, metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            if stream.frames and stream.average_rate:
+                seconds = stream.frames / float(stream.average_rate)
+            elif stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = (container.duration or 0) / 1e6
+        count = max(1, int(seconds * sampling["fps"] + 1e-6))
+    else:
+        count = int(sampling["num_frames"])
+    max_frames = sampling.get("max_frames")
+    return min(count, max_frames) if max_frames is not None else count
+
+
+def check_dataset(
+    path: str | Path, processor, sampling: dict | None = None, max_length: int | None = None,
+    media_root: str | Path | None = None, same_visual_layout: bool = False,
+) -> list[dict]:
+    """Read and check every sample of a JSON-lines file before training; return the samples.
+
+    Streams the file once and decodes no video: each sample must parse, have valid turns, name media files that
+    exist, and (with `max_length`) fit in `max_length` tokens, visual tokens counted from the sampling settings.
+    `same_visual_layout` also requires every sample to hold as many visual tokens per video / images as the first
+    (FSDP and ZeRO-3 gather each layer's weights every time the layer runs, once per window: every process must run
+    as many).
+    The first problem raises one ValueError (FileNotFoundError for media) naming the file and line.
+    """
+    options = {"num_frames": processor.num_frames, "fps": processor.fps, "max_frames": processor.max_frames}
+    sampling = {**options, **(sampling or {})}
+    samples, first_layout = [], None
+    for where, sample in located_samples(path, media_root):
+        try:
+            messages = to_messages(sample, processor.video_token, processor.image_token)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        for key in MEDIA_KEYS:
+            for media in as_list(sample.get(key)):
+                if isinstance(media, str) and "://" not in media and not Path(media).is_file():
+                    raise FileNotFoundError(f"{where}: {key} file not found: {media}")
+        try:
+            layout = visual_tokens(sample, processor, sampling) if same_visual_layout or max_length is not None else []
+        except Exception as err:  # an unreadable header: PyAV's errors, or the processor's for an image
+            raise ValueError(f"{where}: a media file cannot be read ({type(err).__name__}: {err})") from err
+        first_layout = layout if first_layout is None else first_layout
+        if same_visual_layout and layout != first_layout:
+            raise ValueError(
+                f"{where}: the sample's visual tokens per video / images are {layout}, the first sample's "
+                f"{first_layout}; under FSDP and ZeRO-3 every sample must run the same windows (same number of "
+                "frames, videos and image tiles), or the processes' collectives stop matching"
+            )
+        if max_length is not None:
+            length = text_length(messages, processor) + sum(layout)
+            if length > max_length:
+                raise ValueError(
+                    f"{where}: the sample has {length} tokens, more than max_length={max_length}; sample fewer "
+                    "frames (num_frames / fps / max_frames) or raise max_length"
+                )
+        samples.append(sample)
+    if not samples:
+        raise ValueError(f"{path}: no samples")
+    return samples
+
+
+def text_length(messages: list[dict], processor) -> int:
+    """Tokens of a sample's rendered chat, its image and video markers left out."""
+    template_ids = processor.tokenizer.apply_chat_template(
+        messages, chat_template=processor.chat_template, tokenize=True, return_dict=True
+    )["input_ids"]
+    return sum(token not in (processor.video_token_id, processor.image_token_id) for token in template_ids)
+
+
+def visual_tokens(sample: dict, processor, sampling: dict) -> list[int]:
+    """Visual tokens of each video, then of all images: videos from their headers, images from their tiles."""
+    counts = []
+    for video in as_list(sample.get("video")):
+        if not isinstance(video, str):
+            raise ValueError("only video file paths can be checked before training")
+        counts.append(video_frame_count(video, sampling) * processor.num_image_tokens)
+    images = as_list(sample.get("image"))
+    if images:  # tiles depend on each image's size: the processor computes them (images are cheap to read)
+        expanded = processor(text=processor.image_token * len(images), images=images, return_tensors=None)
+        counts.append(expanded["input_ids"][0].count(processor.image_token_id))
+    return counts

@@ -1,25 +1,33 @@
 """Fine-tune Video-XL with transformers' `Trainer` on LLaVA-style chat data.
 
-    python scripts/finetune.py --model DIR --data train.jsonl --output OUT [--train all|llm|vst|projector|lora]
-    torchrun --nproc_per_node 2 scripts/finetune.py ...          # several processes (DDP; gloo on CPU)
-    accelerate launch --config_file zero2.yaml scripts/finetune.py ...   # DeepSpeed / FSDP on GPUs
+    python scripts/finetune.py --model DIR --data train.jsonl --output_dir OUT [--train all|llm|vst|projector|lora]
+    torchrun --nproc_per_node 2 scripts/finetune.py ...                     # DDP (gloo on CPU)
+    torchrun --nproc_per_node 2 scripts/finetune.py ... --fsdp "full_shard auto_wrap" --fsdp_config fsdp.json
+    torchrun --nproc_per_node 2 scripts/finetune.py ... --deepspeed zero2.json
 
-`--model` is a model dir loadable with `trust_remote_code` (code files beside the weights); the processor comes from
-the same dir unless `--processor` names another. Each line of `--data` is
+The command line is `HfArgumentParser` over the project's options (`ProjectArguments`: --model, --data, --train,
+--num-frames, --ratio(s), ...) and `TrainingArguments`, so every Trainer flag works under its own name
+(`--max_steps`, `--save_total_limit`, `--gradient_accumulation_steps`, `--report_to`, `--activation_checkpointing`,
+`--fsdp`, `--deepspeed`, ...). Project defaults: learning rate 1e-5, cosine schedule, 3% warm-up, one sample per micro-batch.
+
+`--model` is a model dir loadable with `trust_remote_code` (code files beside the weights) or a hub id; the
+processor comes from the same place unless `--processor` names another. Each line of `--data` is
 `{"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", "value": "..."}]}`
-(`image` for images, neither for text-only, `role`/`content` instead of `from`/`value`); only assistant answers are
-labelled (see scripts/collator.py).
+(`image` for images, neither for text-only, `role`/`content` instead of `from`/`value`). The whole file is checked
+before training (scripts/collator.py `check_dataset`); only assistant answers are labelled, as the chat template's
+`{% generation %}` blocks mark them.
 
 Compression ratios: without `--ratio`, every window draws its ratio from `--ratios` (saved as
-`config.beacon_train_ratios`). The draw is reseeded before every micro-batch from (seed, optimizer step, micro-batch),
-so every process draws the same ratio for its k-th window whatever the lengths of the samples before, and a run
-resumed with `--resume` draws what the uninterrupted run would have drawn.
+`config.beacon_train_ratios`). The model's ratio schedule is reseeded before every micro-batch from (seed, optimizer
+step, micro-batch), so every process draws the same ratio for its k-th window whatever the lengths of the samples
+before, and a run resumed with `--resume_from_checkpoint DIR` (or `last`: the newest complete checkpoint of
+`--output_dir`) draws what the uninterrupted run would have drawn.
 """
 
-import argparse
 import json
+import shutil
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +36,33 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
+    HfArgumentParser,
     PreTrainedModel,
     ProcessorMixin,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable for `scripts.collator`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.collator import VideoXLCollator, read_jsonl  # noqa: E402
+from scripts.collator import VideoXLCollator, check_dataset  # noqa: E402
 
 
 TRAIN_MODES = ("all", "llm", "vst", "projector", "lora")
 # Decoder attention (with the VST copies beacon_{q,k,v}_proj) and MLP linears; the vision tower's q/k/v_proj are not
 # matched because the pattern is anchored at the decoder layers.
 LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o|beacon_q|beacon_k|beacon_v)_proj|mlp\.(gate|up|down)_proj)"
+# Names that moved between transformers 5.x releases (written for 5.24), for the compatibility module to map:
+# the TrainingArguments flag and `<name>_kwargs`, and the model methods `<name>_enable` / `<name>_disable` (older
+# releases: gradient_checkpointing). Also version-sensitive, in VideoXLTrainingArguments: `warmup_steps` taking a
+# fraction (older: `warmup_ratio`); in the README: a bare `--fsdp` with `--fsdp_config` (older: "full_shard auto_wrap").
+ACTIVATION_CHECKPOINTING = "activation_checkpointing"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -52,59 +70,73 @@ LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o|beacon_q|beacon_k|beac
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def parse_ratios(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+def option(default=None, help: str = "", dashed: str | None = None, required: bool = False):
+    """A dataclass field for HfArgumentParser; `dashed` adds the `--with-dashes` spelling of the flag."""
+    metadata = {"help": help, **({"aliases": [dashed]} if dashed else {})}
+    return field(metadata=metadata) if required else field(default=default, metadata=metadata)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = parser.add_argument_group("model and data")
-    io.add_argument("--model", required=True, help="model dir (weights, config and code files)")
-    io.add_argument("--processor", default=None, help="processor dir (default: --model)")
-    io.add_argument("--data", required=True, help="JSON-lines (or JSON list) file of chat samples")
-    io.add_argument("--media-root", default=None, help="folder of relative media paths (default: the data file's)")
-    io.add_argument("--output", required=True, help="where checkpoints and the final model go")
-    io.add_argument("--resume", default=None, help="a checkpoint dir of an earlier run to continue from")
-    io.add_argument("--attn-implementation", default=None, help="eager, sdpa or flash_attention_2 (default: config)")
+@dataclass
+class ProjectArguments:
+    """The project's own options; everything else is `TrainingArguments`."""
 
-    what = parser.add_argument_group("what to train")
-    what.add_argument("--train", choices=TRAIN_MODES, default="all",
-                      help="all: everything, vision tower included; llm: decoder, embeddings, lm_head and VST "
-                           "parameters; vst: VST parameters only; projector: the mm_projector; lora: LoRA adapters")
-    what.add_argument("--lora-r", type=int, default=16)
-    what.add_argument("--lora-alpha", type=int, default=32)
-    what.add_argument("--lora-dropout", type=float, default=0.05)
-    what.add_argument("--merge", action="store_true", help="LoRA: also save the merged full model in OUTPUT/merged")
+    model: str = option(help="model dir (weights, config and code files) or hub id", required=True)
+    data: str = option(help="JSON-lines (or JSON list) file of chat samples", required=True)
+    processor: str | None = option(help="processor dir (default: --model)")
+    media_root: str | None = option(help="folder of relative media paths (default: the data file's)",
+                                    dashed="--media-root")
+    attn_implementation: str | None = option(help="eager, sdpa or flash_attention_2 (default: config)",
+                                             dashed="--attn-implementation")
+    train: str = option("all", help="all: everything, vision tower included; llm: decoder, embeddings, lm_head and "
+                                    "VST parameters; vst: VST parameters only; projector: the mm_projector; lora: "
+                                    "LoRA adapters")
+    lora_r: int = option(16, dashed="--lora-r")
+    lora_alpha: int = option(32, dashed="--lora-alpha")
+    lora_dropout: float = option(0.05, dashed="--lora-dropout")
+    merge: bool = option(False, help="LoRA: also save the merged full model in OUTPUT_DIR/merged")
+    ratios: list[int] | None = option(help="ratios drawn per window in training, e.g. --ratios 2 4 8 "
+                                           "(default: the config's beacon_train_ratios)")
+    ratio: int | None = option(help="one fixed ratio for every window")
+    num_frames: int | None = option(help="frames per video (default: the processor's)", dashed="--num-frames")
+    fps: float | None = option(help="sample frames at this rate instead")
+    max_frames: int | None = option(help="cap on frames per video", dashed="--max-frames")
+    max_length: int | None = option(help="refuse samples longer than this many tokens (checked before training)",
+                                    dashed="--max-length")
+    log_ratios: str | None = option(help="write the ratio of every window drawn, per step and process, to "
+                                         "DIR/ratios.rank{N}.jsonl", dashed="--log-ratios")
 
-    visual = parser.add_argument_group("frames and compression")
-    visual.add_argument("--ratios", type=parse_ratios, default=None,
-                        help="ratios drawn per window in training, e.g. 2,4,8 (default: the config's)")
-    visual.add_argument("--ratio", type=int, default=None, help="one fixed ratio for every window")
-    visual.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the processor's)")
-    visual.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead")
-    visual.add_argument("--max-frames", type=int, default=None, help="cap on frames per video")
-    visual.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this many tokens")
+    def __post_init__(self):
+        if self.train not in TRAIN_MODES:
+            raise ValueError(f"--train must be one of {TRAIN_MODES}, got {self.train!r}")
+        if self.merge and self.train != "lora":
+            raise ValueError("--merge only applies to --train lora")
 
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, default=1e-5)
-    optim.add_argument("--epochs", type=float, default=1.0)
-    optim.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
-    optim.add_argument("--batch-size", type=int, default=1, help="per process; >1 needs one prompt layout")
-    optim.add_argument("--grad-accum", type=int, default=8)
-    optim.add_argument("--warmup", type=float, default=0.03, help="warm-up steps, or a fraction of them if < 1")
-    optim.add_argument("--bf16", action="store_true")
-    optim.add_argument("--activation-checkpointing", action="store_true")
-    optim.add_argument("--seed", type=int, default=0)
-    optim.add_argument("--save-steps", type=int, default=500)
-    optim.add_argument("--logging-steps", type=int, default=10)
-    optim.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    optim.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (see the README)")
-    optim.add_argument("--log-ratios", default=None,
-                       help="write the ratio of every window drawn, per step and process, to DIR/ratios.rank{N}.jsonl")
-    args = parser.parse_args(argv)
-    if args.merge and args.train != "lora":
-        parser.error("--merge only applies to --train lora")
-    return args
+
+@dataclass
+class VideoXLTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the project's defaults."""
+
+    # Samples batch together only with the same prompt layout (visual tokens in the same columns): one by default.
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "samples per process and micro-batch"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning rate schedule"})
+    warmup_steps: float = field(default=0.03, metadata={"help": "warm-up steps, or a fraction of all steps if < 1"})
+    # The batches carry pixels and labels that forward takes by name; nothing is to be dropped.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "drop batch keys forward does not name"})
+    # Text-only samples leave the vision tower, projector and VST parameters without gradients.
+    ddp_find_unused_parameters: bool | None = field(default=True, metadata={"help": "DDP find_unused_parameters"})
+
+    def __post_init__(self):
+        # Without an accelerator, accelerate only runs several processes (torchrun, gloo) when told to use the CPU.
+        if not torch.accelerator.is_available():
+            self.use_cpu, self.dataloader_pin_memory = True, False
+        super().__post_init__()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ProjectArguments, VideoXLTrainingArguments]:
+    parser = HfArgumentParser((ProjectArguments, VideoXLTrainingArguments), description=__doc__)
+    project, training = parser.parse_args_into_dataclasses(args=argv)
+    return project, training
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -138,8 +170,8 @@ def check_processor_matches(processor, config) -> None:
 
 
 def core_model(model: nn.Module) -> nn.Module:
-    """The Video-XL backbone inside `model` (also inside a PEFT wrapper): it owns the ratio generator."""
-    return next(module for module in model.modules() if hasattr(module, "ratio_generator"))
+    """The Video-XL backbone inside `model` (also inside a PEFT wrapper): it owns the ratio schedule."""
+    return next(module for module in model.modules() if hasattr(module, "ratio_schedule"))
 
 
 def configure_ratios(model: PreTrainedModel, ratios: list[int] | None, ratio: int | None) -> None:
@@ -171,7 +203,7 @@ def apply_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float) -> nn
     return get_peft_model(model, config)
 
 
-def select_trainable(model: PreTrainedModel, args: argparse.Namespace) -> nn.Module:
+def select_trainable(model: PreTrainedModel, args: ProjectArguments) -> nn.Module:
     """Freeze what `args.train` leaves out; for lora return the PEFT model (only its adapters train)."""
     if args.train == "lora":
         return apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
@@ -181,8 +213,11 @@ def select_trainable(model: PreTrainedModel, args: argparse.Namespace) -> nn.Mod
 
 
 def count_parameters(model: nn.Module) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(param: torch.Tensor) -> int:  # DeepSpeed ZeRO-3 leaves an empty shard and records the full size
+        return getattr(param, "ds_numel", param.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
 
 
@@ -227,30 +262,13 @@ class RatioLogCallback(TrainerCallback):
     def __init__(self, model: nn.Module, directory: str | Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.draws: list[list[int]] = []
-        core = core_model(model)
-        core.ratio_sampler = self.recording(core.ratio_sampler)
-
-    def recording(self, ratio_sampler: Callable[[int | None], Callable[[], int]]) -> Callable:
-        """Wrap the model's `ratio_sampler` (called once per forward) so each forward's draws are kept."""
-
-        def sampler(compression_ratio: int | None) -> Callable[[], int]:
-            draw, drawn = ratio_sampler(compression_ratio), []
-            self.draws.append(drawn)
-
-            def record() -> int:
-                drawn.append(draw())
-                return drawn[-1]
-
-            return record
-
-        return sampler
+        self.schedule = core_model(model).ratio_schedule
+        self.schedule.start_recording()
 
     def on_step_end(self, args, state, control, **kwargs):
-        line = {"step": state.global_step, "rank": args.process_index, "ratios": self.draws}
+        line = {"step": state.global_step, "rank": args.process_index, "ratios": self.schedule.take_recorded()}
         with open(self.directory / f"ratios.rank{args.process_index}.jsonl", "a") as file:
             file.write(json.dumps(line) + "\n")
-        self.draws = []
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -258,76 +276,156 @@ class RatioLogCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def training_arguments(args: argparse.Namespace) -> TrainingArguments:
-    # Without an accelerator, accelerate only runs several processes (torchrun, gloo) when told to use the CPU.
-    use_cpu = not torch.accelerator.is_available()
-    return TrainingArguments(
-        output_dir=args.output,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup,
-        weight_decay=0.0,
-        bf16=args.bf16,
-        activation_checkpointing=args.activation_checkpointing,
-        seed=args.seed,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        use_cpu=use_cpu,
-        dataloader_num_workers=args.workers,
-        dataloader_pin_memory=not use_cpu,
-        deepspeed=args.deepspeed,
-        # The batches carry pixels and labels that forward takes by name; nothing is to be dropped.
-        remove_unused_columns=False,
-        # Text-only samples leave the vision tower, projector and VST parameters without gradients.
-        ddp_find_unused_parameters=True,
-        report_to="none",
-    )
+def checkpoint_only_what_trains(model: nn.Module) -> None:
+    """Trim what `activation_checkpointing_enable` (non-reentrant) sets up to what training needs.
+
+    Enabling it also hooks the input embeddings of every `PreTrainedModel` inside the model so that their outputs
+    require grad (only reentrant checkpointing needs that); in Video-XL that includes CLIP's patch embedding, so a
+    frozen vision tower would record its activations for every window and run a backward for nothing. And a
+    checkpointed layer keeps its inputs even when nothing in it trains: a frozen CLIP's layer inputs for every
+    window. Measured on the small preset (--train llm): 45 MB, then 15 MB per 10-frame window.
+    """
+    model.disable_input_require_grads()
+    clip = core_model(model).vision_tower.vision_tower.vision_model
+    if not any(param.requires_grad for param in clip.parameters()):
+        getattr(clip, f"{ACTIVATION_CHECKPOINTING}_disable")()
 
 
-def build_trainer(args: argparse.Namespace) -> Trainer:
-    # The training arguments come first: under DeepSpeed ZeRO-3 they make from_pretrained load the weights sharded.
-    training_args = training_arguments(args)
-    model = load_model(args.model, args.attn_implementation)
-    processor = load_processor(args.processor or args.model, model.config)
-    configure_ratios(model, args.ratios, args.ratio)
-    model = select_trainable(model, args)
-    collator = VideoXLCollator(processor, num_frames=args.num_frames, fps=args.fps, max_frames=args.max_frames,
-                               max_length=args.max_length, compression_ratio=args.ratio)
-    callbacks = [RatioSeedCallback(model, args.seed)]
-    if args.log_ratios:
-        callbacks.append(RatioLogCallback(model, args.log_ratios))
+class CheckpointOnlyWhatTrains(TrainerCallback):
+    """`checkpoint_only_what_trains` once Trainer has turned activation checkpointing on (non-reentrant)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        options = getattr(args, f"{ACTIVATION_CHECKPOINTING}_kwargs") or {}
+        if getattr(args, ACTIVATION_CHECKPOINTING) and not options.get("use_reentrant", False):
+            checkpoint_only_what_trains(model)
+
+
+class SaveModelCodeUnderFSDP(TrainerCallback):
+    """Copy the model's code files into every checkpoint when FSDP2 wraps the model.
+
+    FSDP2 swaps the model's class for `FSDPVideoXLForCausalLM`, a subclass defined in torch: `save_pretrained` would
+    copy torch's FSDP source files and write that class into `auto_map`, and the checkpoint would not load. Once the
+    model is wrapped, the wrapper class is marked as no remote code (config.json keeps the loaded model's `auto_map`)
+    and this callback copies the model's own files (its module and what it imports relatively) beside the weights.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model_class = type(model)
+        module_file = Path(sys.modules[self.model_class.__module__].__file__)
+        self.files = [module_file, *map(Path, get_relative_import_files(str(module_file)))]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        wrapper = type(model)
+        if wrapper is not self.model_class and issubclass(wrapper, self.model_class):
+            wrapper._auto_class = None  # the FSDP2 subclass only; `save_pretrained` then writes no code
+
+    def copy_to(self, directory: str | Path) -> None:
+        for file in self.files:
+            shutil.copy(file, Path(directory) / file.name)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.copy_to(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def model_location(name: str) -> str:
+    """A local model dir as an absolute path (adapters and merged configs record it); a hub id as it is."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def check_sharded_batch(training: TrainingArguments) -> bool:
+    """Whether the run shards weights (FSDP, ZeRO-3); such a run takes one sample per micro-batch.
+
+    FSDP and ZeRO-3 gather a layer's weights each time it runs (per window), so every process must run the layers
+    as often. Samples of one micro-batch whose visual tokens sit in different columns run one after another, so with
+    more than one the count would depend on how each process's text happens to line up.
+    """
+    sharded = bool(training.fsdp) or is_deepspeed_zero3_enabled()
+    if sharded and training.per_device_train_batch_size > 1:
+        raise ValueError(
+            "FSDP and DeepSpeed ZeRO-3 need --per_device_train_batch_size 1 here (use "
+            f"--gradient_accumulation_steps for larger batches), got {training.per_device_train_batch_size}"
+        )
+    return sharded
+
+
+def build_trainer(project: ProjectArguments, training: TrainingArguments) -> Trainer:
+    sharded = check_sharded_batch(training)
+    # `training` exists before the model: under DeepSpeed ZeRO-3 it makes from_pretrained load the weights sharded.
+    model = load_model(model_location(project.model), project.attn_implementation)
+    processor = load_processor(model_location(project.processor or project.model), model.config)
+    configure_ratios(model, project.ratios, project.ratio)
+    sampling = {key: value for key, value in
+                dict(num_frames=project.num_frames, fps=project.fps, max_frames=project.max_frames).items()
+                if value is not None}
+    dataset = check_dataset(project.data, processor, sampling, project.max_length, project.media_root,
+                            same_visual_layout=sharded)
+    model = select_trainable(model, project)
+    collator = VideoXLCollator(processor, **sampling, max_length=project.max_length,
+                               compression_ratio=project.ratio)
+    callbacks = [RatioSeedCallback(model, training.seed), CheckpointOnlyWhatTrains()]
+    if project.log_ratios:
+        callbacks.append(RatioLogCallback(model, project.log_ratios))
+    if training.fsdp:
+        callbacks.append(SaveModelCodeUnderFSDP(model))
     trainer = Trainer(
         model=model,
-        args=training_args,
-        train_dataset=list(read_jsonl(args.data, args.media_root)),
+        args=training,
+        train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,
         callbacks=callbacks,
     )
+    if training.fsdp and not trainer.is_fsdp_enabled:
+        raise ValueError(
+            f"--fsdp was given but accelerate runs {trainer.accelerator.distributed_type} here: it enables FSDP only "
+            "on GPUs and other accelerators, and would silently train without sharding"
+        )
     if trainer.is_world_process_zero():
         print(count_parameters(model))
     return trainer
 
 
-def save_outputs(trainer: Trainer, args: argparse.Namespace) -> None:
-    """The final model (LoRA: the adapter) and the processor in OUTPUT; with --merge the merged model in OUTPUT/merged."""
-    trainer.save_model(args.output)
-    if args.merge and trainer.is_world_process_zero():
+def save_outputs(trainer: Trainer, project: ProjectArguments) -> None:
+    """The final model (LoRA: the adapter) and the processor in OUTPUT_DIR; with --merge the merged model in
+    OUTPUT_DIR/merged."""
+    output = trainer.args.output_dir
+    trainer.save_model(output)
+    code = next((c for c in trainer.callback_handler.callbacks if isinstance(c, SaveModelCodeUnderFSDP)), None)
+    if code is not None and trainer.is_world_process_zero():
+        code.copy_to(output)
+    if project.merge and trainer.is_world_process_zero():
         merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(Path(args.output) / "merged")
-        trainer.processing_class.save_pretrained(Path(args.output) / "merged")
+        merged.save_pretrained(Path(output) / "merged")
+        trainer.processing_class.save_pretrained(Path(output) / "merged")
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str:
+    """The newest `checkpoint-N` of `output_dir` that was written to the end.
+
+    Trainer writes `trainer_state.json` last, so a run killed while saving leaves a checkpoint without a readable
+    one; that checkpoint is skipped.
+    """
+    steps = sorted((int(path.name.rsplit("-", 1)[1]), path) for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if path.name.rsplit("-", 1)[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / TRAINER_STATE_NAME).read_text())
+            return str(path)
+        except (OSError, json.JSONDecodeError):
+            continue
+    raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint in {output_dir}")
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    args = parse_args(argv)
-    trainer = build_trainer(args)
-    trainer.train(resume_from_checkpoint=args.resume)
-    save_outputs(trainer, args)
+    project, training = parse_args(argv)
+    resume = training.resume_from_checkpoint
+    if resume == "last":
+        resume = last_complete_checkpoint(training.output_dir)
+    trainer = build_trainer(project, training)
+    trainer.train(resume_from_checkpoint=resume)
+    save_outputs(trainer, project)
     return trainer
 
 

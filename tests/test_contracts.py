@@ -280,25 +280,31 @@ def test_bf16_model_takes_fp32_pixels():
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 
-def test_a_video_and_an_image_in_the_same_columns_are_refused():
+def test_a_video_and_an_image_in_the_same_columns_equal_each_alone():
+    """Once an `IndexError`, then refused: mixed kinds in the same columns now run, each sample as alone."""
     model = tiny_model()
     ids = torch.cat([video_prompt(2), video_prompt(2)])
     ids[1][ids[1] == VIDEO_ID] = IMAGE_ID
-    with pytest.raises(ValueError, match="at column 4 sample 0 has a video token and sample 1 has an image token"):
-        model(ids, pixel_values_videos=random_frames(2), pixel_values=random_frames(2)[0])
+    video, image = random_frames(2), random_frames(2, seed=1)[0]
+    with torch.no_grad():
+        batched = model(ids, pixel_values_videos=video, pixel_values=image).logits
+        torch.testing.assert_close(batched[:1], model(ids[:1], pixel_values_videos=video).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[1:], model(ids[1:], pixel_values=image).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_swapped_video_and_image_order_is_refused():
+def test_swapped_video_and_image_order_equals_each_alone():
     """`<video><image>` beside `<image><video>`: same visual columns, different kinds (once ran silently wrong)."""
     model = tiny_model()
     video, image = [VIDEO_ID] * (2 * TOKENS_PER_FRAME), [IMAGE_ID] * (2 * TOKENS_PER_FRAME)
     ids = torch.tensor([[4] + video + image + [13, 14], [4] + image + video + [13, 14]])
-    with pytest.raises(ValueError, match="same kind of visual token"):
-        model(ids, pixel_values_videos=random_frames(4), pixel_values=random_frames(4, seed=1)[0])
-    with pytest.raises(ValueError, match="same kind of visual token"):
-        model.generate(
-            ids, pixel_values_videos=random_frames(4), pixel_values=random_frames(4, seed=1)[0], max_new_tokens=2
+    videos, images = random_frames(4)[0], random_frames(4, seed=1)[0]
+    generated = model.generate(ids, pixel_values_videos=videos, pixel_values=images, max_new_tokens=3, do_sample=False)
+    for i in range(2):
+        single = model.generate(
+            ids[i : i + 1], pixel_values_videos=videos[2 * i : 2 * i + 2], pixel_values=images[2 * i : 2 * i + 2],
+            max_new_tokens=3, do_sample=False,
         )
+        assert generated[i].tolist() == single[0].tolist()
 
 
 @pytest.mark.parametrize(
@@ -306,10 +312,11 @@ def test_swapped_video_and_image_order_is_refused():
     [
         ((random_frames(2) * 60 + 128).clamp(0, 255).to(torch.uint8), "floating-point pixels.*torch.uint8"),
         ((random_frames(2) * 60 + 128).clamp(0, 255), r"pixel_values_videos ranges over \[0, 255\].*Were they normalised"),
+        ((random_frames(2) * 0.25 + 0.5).clamp(0, 1), r"pixel_values_videos lies entirely in \[0, 1\].*not CLIP-normalised"),
         (random_frames(2).index_put((torch.tensor(0),), torch.tensor(float("nan"))), "pixel_values_videos holds NaN or infinite"),
         (random_frames(2).index_put((torch.tensor(0),), torch.tensor(float("inf"))), "pixel_values_videos holds NaN or infinite"),
     ],
-    ids=["uint8", "raw-0-255-floats", "nan", "inf"],
+    ids=["uint8", "raw-0-255-floats", "unnormalised-0-1-floats", "nan", "inf"],
 )
 def test_pixels_the_model_cannot_have_been_meant_to_see_are_refused(pixels, message):
     model = tiny_model()

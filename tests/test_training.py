@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoProcessor
+from transformers import AutoModelForCausalLM, AutoProcessor, TrainingArguments
 
 from demo.build_tiny_tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
 from demo.synth import make_sample, write_video
@@ -235,6 +235,7 @@ def test_reseeding_every_micro_batch_keeps_processes_on_the_same_ratios(tmp_path
         model = tiny_model().train()
         model.seed_compression_ratios(0)
         log = finetune.RatioLogCallback(model, tmp_path)
+        assert log.schedule is model.model.ratio_schedule
         seeder, state = finetune.RatioSeedCallback(model, seed=0), SimpleNamespace(global_step=5)
         if reseed:
             seeder.on_step_begin(None, state, None)
@@ -242,8 +243,9 @@ def test_reseeding_every_micro_batch_keeps_processes_on_the_same_ratios(tmp_path
         if reseed:
             seeder.on_substep_end(None, state, None)
         model(**video)
-        assert [len(ratios) for ratios in log.draws] == [3 if first is long_video else 0, 2]
-        return log.draws[1]
+        draws = model.model.ratio_schedule.take_recorded()
+        assert [len(ratios) for ratios in draws] == [3 if first is long_video else 0, 2]
+        return draws[1]
 
     assert second_micro_batch_ratios(long_video, reseed=False) != second_micro_batch_ratios(text_only, reseed=False)
     assert second_micro_batch_ratios(long_video, reseed=True) == second_micro_batch_ratios(text_only, reseed=True)
@@ -337,14 +339,80 @@ def test_collator_labels_only_assistant_answers_and_their_end(processor):
     assert VideoXLCollator(processor, num_frames=4, compression_ratio=8)([sample])["compression_ratio"] == 8
 
 
+def scanned_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The collator's former labels, kept as a reference: the tokens after each `<|im_start|>assistant\\n` header
+    up to and including the next `<|im_end|>`, found by scanning token ids."""
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids, labels = input_ids.tolist(), [IGNORE_INDEX] * len(input_ids)
+    i = 0
+    while i <= len(ids) - len(header):
+        if ids[i : i + len(header)] != header:
+            i += 1
+            continue
+        j = i + len(header)
+        while j < len(ids) and ids[j] != end_id:
+            labels[j] = ids[j]
+            j += 1
+        if j < len(ids):
+            labels[j] = ids[j]
+        i = j + 1
+    return torch.tensor(labels)
+
+
+def test_labels_from_the_chat_template_equal_the_scanned_labels_on_the_test_conversations(processor):
+    qwen = AutoProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    conversations = [
+        ({"video": frames(), "conversations": [
+            {"from": "system", "value": "You are a helpful assistant."},
+            {"from": "human", "value": "<video>\nWhat colour was the circle?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "What shape was the red object?"}, {"from": "gpt", "value": "A circle."}]},
+         {"num_frames": 4}),
+        ({"image": [frames(1)[0], frames(2)[0]], "conversations": [
+            {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "red"}]}, {}),
+        ({"conversations": [{"role": "user", "content": "What colour was the circle?"},
+                            {"role": "assistant", "content": "A red circle."}]}, {}),
+        ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there!\nBye."},
+                            {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "Yes."}]}, {}),
+    ]
+    compared = 0
+    for proc in (processor, qwen):
+        for sample, options in conversations:
+            if proc is processor and "Hello" in json.dumps(sample["conversations"]):
+                continue  # words outside the tiny vocabulary
+            batch = VideoXLCollator(proc, **options)([sample])
+            expected = scanned_labels(batch["input_ids"][0], proc.tokenizer)
+            assert (expected != IGNORE_INDEX).any()
+            assert torch.equal(batch["labels"][0], expected)
+            compared += 1
+    assert compared == 7
+
+
 def test_collator_labels_answers_with_the_real_qwen_tokenizer():
     qwen = AutoProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
     sample = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there!\nBye."},
                                 {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "Yes."}]}
     batch = VideoXLCollator(qwen)([sample])
     assert labelled_runs(batch, qwen.tokenizer) == ["Hello there!\nBye.<|im_end|>", "Yes.<|im_end|>"]
-    with pytest.raises(ValueError, match="1 assistant turns but 0 labelled answers"):
-        VideoXLCollator(qwen)([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "\n\nX"}]}])
+    # An answer starting with newlines merges with the header's newline into one token: scanning for the header's
+    # tokens lost that answer; the template's character spans label the merged token, the answer's first.
+    merged = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "\n\nX"}]}
+    batch = VideoXLCollator(qwen)([merged])
+    assert (scanned_labels(batch["input_ids"][0], qwen.tokenizer) != IGNORE_INDEX).sum() == 0
+    assert labelled_runs(batch, qwen.tokenizer) == ["\n\n\nX<|im_end|>"]
+
+
+def test_collator_refuses_a_chat_template_that_marks_no_answers():
+    plain = AutoProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    plain.chat_template = plain.chat_template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    sample = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes."}]}
+    with pytest.raises(ValueError, match="1 assistant turns but 0 labelled spans"):
+        VideoXLCollator(plain)([sample])
+
+
+def test_the_tiny_tokenizer_uses_the_repos_chat_template():
+    template = (REPO_ROOT / "chat_template.jinja").read_text()
+    assert CHAT_TEMPLATE == template == (REPO_ROOT / "demo" / "model" / "chat_template.jinja").read_text()
 
 
 def test_collator_takes_from_value_and_role_content_alike(processor):
@@ -429,13 +497,14 @@ def collated(processor, data: Path) -> list[dict]:
 def test_trainer_run_lowers_the_loss_and_its_checkpoint_loads_and_generates(assets, processor, tmp_path):
     batches = collated(processor, assets.data)
     initial = mean_loss(AutoModelForCausalLM.from_pretrained(assets.model, trust_remote_code=True), batches)
-    options = ["--model", str(assets.model), "--data", str(assets.data), "--lr", "1e-2", "--max-steps", "9",
-               "--grad-accum", "1", "--warmup", "0", "--save-steps", "3", "--logging-steps", "3"]
-    trainer = finetune.main([*options, "--output", str(tmp_path)])
+    options = ["--model", str(assets.model), "--data", str(assets.data), "--learning_rate", "1e-2", "--max_steps", "9",
+               "--warmup_steps", "0", "--save_steps", "3", "--logging_steps", "3", "--save_total_limit", "2"]
+    trainer = finetune.main([*options, "--output_dir", str(tmp_path)])
     trained = mean_loss(trainer.model, batches)
     assert trained < initial - 1.0, (initial, trained)  # from about ln(vocab) = 5.0 to about 3.3
 
     checkpoint = tmp_path / "checkpoint-9"
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-9"]  # the limit
     assert CODE_FILES | PROCESSOR_FILES <= {path.name for path in checkpoint.iterdir()}
     assert CODE_FILES | PROCESSOR_FILES <= {path.name for path in tmp_path.iterdir()}
     loaded = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
@@ -450,11 +519,11 @@ def test_trainer_run_lowers_the_loss_and_its_checkpoint_loads_and_generates(asse
 def test_resumed_trainer_run_ends_where_the_uninterrupted_run_ends(assets, tmp_path):
     """Ratios drawn per window depend on the step, not on the run's history: resuming at step 3 of 6 (random
     ratios, shuffled data) gives bit-identical weights."""
-    options = ["--model", str(assets.model), "--data", str(assets.data), "--lr", "1e-2", "--max-steps", "6",
-               "--grad-accum", "1", "--warmup", "0", "--save-steps", "3"]
-    straight = finetune.main([*options, "--output", str(tmp_path / "straight")]).model.state_dict()
-    resumed = finetune.main([*options, "--output", str(tmp_path / "resumed"),
-                             "--resume", str(tmp_path / "straight" / "checkpoint-3")]).model.state_dict()
+    options = ["--model", str(assets.model), "--data", str(assets.data), "--learning_rate", "1e-2", "--max_steps", "6",
+               "--warmup_steps", "0", "--save_steps", "3"]
+    straight = finetune.main([*options, "--output_dir", str(tmp_path / "straight")]).model.state_dict()
+    resumed = finetune.main([*options, "--output_dir", str(tmp_path / "resumed"),
+                             "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-3")]).model.state_dict()
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
 
 
@@ -464,10 +533,12 @@ def test_command_line_under_torchrun_keeps_ratios_in_step_and_saves_a_mergeable_
     The ranks' samples hold 0, 2 or 3 windows and never the same count at once: each micro-batch's ratios on one
     rank must begin the other's. The adapter and the merged model must give the same logits."""
     out, logs = tmp_path / "out", tmp_path / "ratios"
+    relative_model = os.path.relpath(assets.model, tmp_path)  # as typed by a user in tmp_path
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(REPO_ROOT / "scripts" / "finetune.py"), "--model", str(assets.model), "--data", str(assets.data),
-                    "--output", str(out), "--train", "lora", "--merge", "--activation-checkpointing", "--max-steps", "3",
-                    "--grad-accum", "2", "--lr", "1e-2", "--save-steps", "100", "--log-ratios", str(logs)],
+                    str(REPO_ROOT / "scripts" / "finetune.py"), "--model", relative_model, "--data", str(assets.data),
+                    "--output_dir", str(out), "--train", "lora", "--merge", f"--{finetune.ACTIVATION_CHECKPOINTING}",
+                    "--max_steps", "3", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-2",
+                    "--save_steps", "100", "--log-ratios", str(logs)],
                    check=True, cwd=tmp_path, env=subprocess_env(tmp_path))
 
     ranks = [[json.loads(line) for line in (logs / f"ratios.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
@@ -480,6 +551,8 @@ def test_command_line_under_torchrun_keeps_ratios_in_step_and_saves_a_mergeable_
         assert longer[: len(shorter)] == shorter and set(longer) <= {2, 4, 8}
 
     assert {"adapter_config.json", "adapter_model.safetensors"} | PROCESSOR_FILES <= {p.name for p in out.iterdir()}
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(assets.model.resolve())  # loads from any folder
     assert CODE_FILES | PROCESSOR_FILES <= {path.name for path in (out / "merged").iterdir()}
     batch = collated(processor, assets.data)[0]
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", trust_remote_code=True).eval()
@@ -500,3 +573,86 @@ def test_ratio_options_are_checked_before_training():
         finetune.configure_ratios(model, None, 3)
     with pytest.raises(ValueError, match="allowed values"):
         finetune.configure_ratios(model, [4, 32], None)
+
+
+# ---- the command line ------------------------------------------------------------------------------------------------
+
+
+def test_command_line_takes_every_trainer_flag_and_the_projects_options():
+    project, training = finetune.parse_args([
+        "--model", "m", "--data", "d.jsonl", "--num-frames", "8", "--ratios", "2", "4", "--max-length", "900",
+        "--output_dir", "out", "--save_total_limit", "2", "--report_to", "none", "--gradient_accumulation_steps", "4",
+        f"--{finetune.ACTIVATION_CHECKPOINTING}", "--fsdp", "full_shard auto_wrap", "--seed", "7",
+    ])
+    assert (project.model, project.data, project.num_frames, project.ratios, project.max_length) == (
+        "m", "d.jsonl", 8, [2, 4], 900)
+    assert (training.output_dir, training.save_total_limit, training.gradient_accumulation_steps, training.seed) == (
+        "out", 2, 4, 7)
+    assert getattr(training, finetune.ACTIVATION_CHECKPOINTING) and training.fsdp
+    assert isinstance(training, TrainingArguments) and training.report_to == []
+
+    assert finetune.check_sharded_batch(training)
+    with pytest.raises(ValueError, match="need --per_device_train_batch_size 1 here"):
+        finetune.check_sharded_batch(finetune.parse_args([
+            "--model", "m", "--data", "d.jsonl", "--fsdp", "full_shard auto_wrap", "--per_device_train_batch_size", "2",
+        ])[1])
+
+    defaults = finetune.parse_args(["--model", "m", "--data", "d.jsonl", "--ratio", "4"])[1]
+    assert (defaults.learning_rate, defaults.lr_scheduler_type, defaults.warmup_steps) == (1e-5, "cosine", 0.03)
+    assert defaults.per_device_train_batch_size == 1 and not defaults.remove_unused_columns
+    assert finetune.parse_args(["--model", "m", "--data", "d.jsonl", "--num_frames", "8"])[0].num_frames == 8
+    with pytest.raises(ValueError, match="--merge only applies to --train lora"):
+        finetune.parse_args(["--model", "m", "--data", "d.jsonl", "--merge"])
+    with pytest.raises(ValueError, match="--train must be one of"):
+        finetune.parse_args(["--model", "m", "--data", "d.jsonl", "--train", "vision"])
+
+
+@pytest.mark.parametrize("mode", ["llm", "lora"])
+def test_checkpointing_keeps_a_frozen_vision_tower_out_of_the_graph_with_the_same_gradients(mode):
+    """Enabling activation checkpointing makes CLIP's patch embeddings require grad (transformers hooks the input
+    embeddings of every sub-model) and checkpoints CLIP's layers, which then keep their inputs: a frozen tower would
+    hold activations for every window. The callback removes both; the gradients stay those of the plain model."""
+    ids, pixels = video_prompt(8), random_frames(8)
+    labels = answer_labels(ids, 3)
+
+    def run(checkpointing: bool, callback: bool) -> tuple[bool, dict]:
+        model = finetune.select_trainable(tiny_model(), SimpleNamespace(train=mode, lora_r=4, lora_alpha=8,
+                                                                        lora_dropout=0.0)).train()
+        if checkpointing:
+            getattr(model, f"{finetune.ACTIVATION_CHECKPOINTING}_enable")()
+        if callback:
+            args = SimpleNamespace(**{finetune.ACTIVATION_CHECKPOINTING: True,
+                                      f"{finetune.ACTIVATION_CHECKPOINTING}_kwargs": None})
+            finetune.CheckpointOnlyWhatTrains().on_train_begin(args, None, None, model=model)
+        recorded = []
+        tower = finetune.core_model(model).vision_tower
+        tower.register_forward_hook(lambda module, inputs, output: recorded.append(output.requires_grad))
+        clip_layers = tower.vision_tower.vision_model.encoder.layers
+        if callback:
+            assert not any(layer.gradient_checkpointing for layer in clip_layers)
+        elif checkpointing:
+            assert all(layer.gradient_checkpointing for layer in clip_layers)
+        model(ids, pixel_values_videos=pixels, labels=labels, compression_ratio=4).loss.backward()
+        return any(recorded), grads_of(model)
+
+    plain_records, plain = run(checkpointing=False, callback=False)
+    hooked_records, _ = run(checkpointing=True, callback=False)
+    fixed_records, fixed = run(checkpointing=True, callback=True)
+    assert (plain_records, hooked_records, fixed_records) == (False, True, False)
+    assert plain.keys() == fixed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(fixed[name], plain[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_training_memory_benchmark_runs_one_step_per_point(tmp_path):
+    """benchmarks/train_memory.py (a benchmark, not a test of speed): one point of the tiny preset end to end."""
+    from benchmarks.train_memory import main, markdown_table
+
+    out = tmp_path / "train_memory.json"
+    assert main(["--size", "tiny", "--frames", "4", "--trainable", "lora", "--checkpointing", "on",
+                 "--json", str(out)]) == 0
+    [record] = json.loads(out.read_text())["records"]
+    assert "skipped" not in record, record
+    assert record["peak_mb"] >= record["base_mb"] > 0 and record["step_s"] > 0
+    assert 0 < record["trainable_params"] < 100_000  # the adapters only
+    assert "| lora | on | 4 |" in markdown_table([record])
