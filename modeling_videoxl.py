@@ -831,8 +831,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
             hidden_states = tuple(torch.cat([pad(t) for t in layer]) for layer in zip(*kept_states))
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(states) if states else None,
-            cache=BeaconCache.stack(caches, input_ids, valid) if use_cache is not False else None,
             hidden_states=hidden_states,
+            **cache_field(BeaconCache.stack(caches, input_ids, valid) if use_cache is not False else None),
         )
 
     def frames_per_sample(
