@@ -1,8 +1,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The oldest supported transformers gets its own venv: requirements.txt with its transformers pin swapped for
+# requirements-oldest.txt's (pip refuses two pins of one package, so the newest pin is filtered out here).
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv venv-oldest test test-oldest demo bench clean
 
 venv: $(STAMP)
 
@@ -12,11 +18,25 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
+venv-oldest: $(OLDEST_STAMP)
+
+$(OLDEST_STAMP): requirements.txt requirements-oldest.txt
+	python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	grep -v '^transformers==' requirements.txt > $(OLDEST_VENV)/requirements-newest-unpinned.txt
+	$(OLDEST_PY) -m pip install -q -r $(OLDEST_VENV)/requirements-newest-unpinned.txt -r requirements-oldest.txt
+	touch $(OLDEST_STAMP)
+
+# The suite on the newest supported transformers (requirements.txt).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q tests
+
+# The same suite on the oldest supported transformers (requirements-oldest.txt).
+test-oldest: $(OLDEST_STAMP)
+	$(TEST_ENV) $(OLDEST_PY) -m pytest -q tests
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m demo.run
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST_VENV)

@@ -1,6 +1,9 @@
 """Configuration of Video-XL: a CLIP vision tower, a 2-layer MLP projector and a Qwen2 language model whose
 layers carry extra projections for visual summarization tokens (VSTs)."""
 
+# First: an unsupported transformers fails here with one clear error, before a name that moved can fail below.
+from .compat_videoxl import check_transformers_version  # noqa: F401, I001
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec

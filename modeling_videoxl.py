@@ -21,7 +21,6 @@ from transformers import AutoModel
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
@@ -34,6 +33,14 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from transformers.utils import can_return_tuple, logging
 
 from .beacon_cache import BeaconCache, frame_digests, model_identity
+from .compat_videoxl import (
+    CACHE_NAME,
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    cache_field,
+    rename_cache_kwarg,
+    take_cache,
+)
 from .configuration_videoxl import VideoXLConfig
 from .session_videoxl import LiveVideo, chat
 
@@ -762,8 +769,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
         self.warn_beyond_max_positions(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(outputs, dim=1) if outputs else None,
-            cache=cache if use_cache is not False else None,
             hidden_states=self.kept_hidden_states(kept_states) if output_hidden_states else None,
+            **cache_field(cache if use_cache is not False else None),
         )
 
     def forward_per_sample(
@@ -824,8 +831,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
             hidden_states = tuple(torch.cat([pad(t) for t in layer]) for layer in zip(*kept_states))
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(states) if states else None,
-            cache=BeaconCache.stack(caches, input_ids, valid) if use_cache is not False else None,
             hidden_states=hidden_states,
+            **cache_field(BeaconCache.stack(caches, input_ids, valid) if use_cache is not False else None),
         )
 
     def frames_per_sample(
@@ -1035,6 +1042,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        past_key_values: BeaconCache | None = None,
     ) -> CausalLMOutputWithPast:
         r"""
         Args:
@@ -1043,6 +1051,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             image_sizes: `[images, 2]` original image sizes from the processor; the tiles already carry everything
                 the model needs, so they are accepted and not used.
             cache: a [`BeaconCache`] to continue from (its memory is extended in place).
+            past_key_values: the same as `cache`, under the name transformers used before 5.24.
             labels: `[batch, seq]` next-token labels (-100 = ignored). Logits are then computed only where a label
                 follows, and `logits` is `[batch, n, vocab]` over those columns.
             compression_ratio: one VST after every `compression_ratio` visual tokens in every window.
@@ -1056,6 +1065,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             num_items_in_batch: the loss's normaliser under gradient accumulation (passed by the `Trainer`).
             return_dict: False returns a tuple of the output's fields that are not None, in order.
         """
+        cache = take_cache(cache, past_key_values)
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens is None:
             raise ValueError("Pass input_ids (or inputs_embeds for a text-only prompt).")
@@ -1099,7 +1109,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
                     num_items_in_batch=num_items_in_batch,
                 )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **cache_field(outputs.cache)
         )
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -1121,14 +1131,16 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         return generation_config, model_kwargs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-            model_kwargs["cache"] = BeaconCache(self.config.text_config.num_hidden_layers)
+        rename_cache_kwarg(model_kwargs)
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = BeaconCache(self.config.text_config.num_hidden_layers)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
         cache: BeaconCache | None = None,
+        past_key_values: BeaconCache | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
@@ -1138,7 +1150,11 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         holds up to its last compressed window (else a `ValueError`); raw text after it that they do not repeat is
         rewound. Pixels may cover every visual token of `input_ids` (the frames the cache holds are then checked
         against it, on the first call of a `generate`, and skipped) or only those not absorbed yet.
+
+        `generate` passes the cache under this transformers' name (`compat_videoxl.CACHE_NAME`); both names are
+        declared so that its argument check accepts a user's cache under either.
         """
+        cache = take_cache(cache, past_key_values)
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: generate needs at least one token of prompt")
         fresh = kwargs.get("is_first_iteration") or cache is None or cache.seen_tokens == 0

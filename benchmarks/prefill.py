@@ -225,6 +225,14 @@ def model_classes(code_dir: str | None = None):
     return configuration.VideoXLConfig, modeling.VideoXLForCausalLM
 
 
+def library_cache_kwarg(cache) -> dict:
+    """`{"cache": cache}` or `{"past_key_values": cache}`: the name the installed transformers' own Qwen2 takes (from
+    the loaded code's compat_videoxl)."""
+    import importlib
+
+    return importlib.import_module("videoxl.compat_videoxl").cache_field(cache)
+
+
 def build_model(size: str, device, dtype, attn: str, seed: int = 0, code_dir: str | None = None):
     """A random-weight Video-XL built directly on `device` in `dtype` (the 7B never exists in fp32 on the host)."""
     import torch
@@ -333,7 +341,7 @@ class Runner:
             del features
         embeds[:, visual_end:] = inner.embed_tokens(ids[:, visual_end:])
         cache = DynamicCache(config=self.lm.config)
-        out = self.lm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.lm(inputs_embeds=embeds, **library_cache_kwarg(cache), use_cache=True, logits_to_keep=1)
         return out.logits, cache
 
     def decode(self, logits, cache, steps: int) -> float:
@@ -344,7 +352,7 @@ class Runner:
             if self.ratio:
                 out = self.model(next_ids, cache=cache, use_cache=True, logits_to_keep=1)
             else:
-                out = self.lm(input_ids=next_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                out = self.lm(input_ids=next_ids, **library_cache_kwarg(cache), use_cache=True, logits_to_keep=1)
             next_ids = out.logits[:, -1:].argmax(-1)
         self.decode_cpu_ms = (time.process_time() - start_cpu) / steps * 1000
         return (self.clock() - start) / steps * 1000

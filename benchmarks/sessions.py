@@ -34,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.prefill import PREFIX_TOKENS, build_model  # noqa: E402
+from scripts.local_import import compat  # noqa: E402
 
 
 QUESTION_TOKENS = 12
@@ -70,7 +71,7 @@ def run_point(model, frames: int, questions: int, new_tokens: int, seed: int = 0
     with torch.no_grad():
         first, q1_wall, q1_cpu = timed(lambda: model.generate(asks[0], pixel_values_videos=pixels,
                                                               return_dict_in_generate=True, **options))
-        cache = first.cache
+        cache = compat.cache_of(first)  # `generate`'s output names it `past_key_values` before 5.24
         after_first = cache_bytes(cache)
         walls, cpus = [], []
         for ids in asks[1:]:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 
+from scripts.local_import import compat
+
 
 @dataclass
 class Answer:
@@ -53,7 +55,7 @@ def ask(
         )
     text = processor.tokenizer.decode(output.sequences[0, prompt_length:], skip_special_tokens=True)
     visual = int((inputs["input_ids"] == model.config.video_token_id).sum())
-    kept = output.cache.get_seq_length() - (output.sequences.shape[1] - prompt_length - 1)
+    kept = compat.cache_of(output).get_seq_length() - (output.sequences.shape[1] - prompt_length - 1)
     return Answer(text.strip(), visual // model.config.tokens_per_frame, visual, kept, time.time() - start)
 
 

@@ -24,8 +24,10 @@ from transformers import AutoProcessor
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from configuration_videoxl import CLIP_L_336, VideoXLConfig  # noqa: E402
-from scripts.local_import import CODE_FILES  # noqa: E402
+from scripts.local_import import CODE_FILES, VideoXLConfig, configuration  # noqa: E402
+
+
+CLIP_L_336 = configuration.CLIP_L_336
 
 
 QWEN2_FIELDS = (

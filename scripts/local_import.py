@@ -20,6 +20,7 @@ CODE_FILES = (
     "processing_videoxl.py",
     "image_processing_videoxl.py",
     "video_decoding_videoxl.py",
+    "compat_videoxl.py",
 )
 
 
@@ -31,6 +32,7 @@ def _register_package() -> None:
 
 
 _register_package()
+compat = importlib.import_module("videoxl.compat_videoxl")  # first: refuses an unsupported transformers clearly
 configuration = importlib.import_module("videoxl.configuration_videoxl")
 modeling = importlib.import_module("videoxl.modeling_videoxl")
 cache = importlib.import_module("videoxl.beacon_cache")

@@ -8,7 +8,7 @@ one stacked, left-padded cache.
 import pytest
 import torch
 
-from scripts.local_import import BeaconCache
+from scripts.local_import import BeaconCache, compat
 from tests.conftest import IMAGE_ID, TOKENS_PER_FRAME, VIDEO_ID, random_frames, tiny_model
 
 
@@ -247,11 +247,12 @@ def test_pipeline_batches_equal_one_at_a_time():
         ]}]
         for (h, w), question in zip(sizes, questions)
     ]
-    kwargs = dict(max_new_tokens=8, return_full_text=False, generate_kwargs={"do_sample": False})
+    # A fresh generate_kwargs per call: transformers 5.23's pipeline writes max_new_tokens into the dict it is given.
+    kwargs = lambda: dict(max_new_tokens=8, return_full_text=False, generate_kwargs={"do_sample": False})  # noqa: E731
     batched = pipeline("image-text-to-text", model=str(BUNDLED_MODEL), trust_remote_code=True, batch_size=4)
     assert batched.tokenizer.padding_side == "left"
-    one_by_one = [batched(text=m, **kwargs)[0]["generated_text"] for m in messages]
-    together = [out[0]["generated_text"] for out in batched(text=messages, **kwargs)]
+    one_by_one = [batched(text=m, **kwargs())[0]["generated_text"] for m in messages]
+    together = [out[0]["generated_text"] for out in batched(text=messages, **kwargs())]
     assert together == one_by_one
 
 
@@ -304,12 +305,12 @@ def test_a_mixed_batchs_cache_continues_a_follow_up_like_a_fresh_prompt(model):
     follow_up["input_ids"] = torch.cat([first.sequences, torch.tensor([[60, 61]] * len(chosen))], dim=1)
     follow_up["attention_mask"] = torch.ones_like(follow_up["input_ids"])
     follow_up["attention_mask"][:, : inputs["input_ids"].shape[1]] = inputs["attention_mask"]
-    reused = model.generate(**follow_up, cache=first.cache, max_new_tokens=4, do_sample=False)
+    reused = model.generate(**follow_up, cache=compat.cache_of(first), max_new_tokens=4, do_sample=False)
     fresh = model.generate(**follow_up, max_new_tokens=4, do_sample=False)
     assert reused.tolist() == fresh.tolist()
     other = dict(follow_up, pixel_values_videos=follow_up["pixel_values_videos"].flip(0))
     with pytest.raises(ValueError, match="not the frames it encoded"):
-        model.generate(**other, cache=first.cache, max_new_tokens=1)
+        model.generate(**other, cache=compat.cache_of(first), max_new_tokens=1)
 
 
 def test_mixed_batch_hidden_states_are_each_samples_left_padded_and_no_cache_without_use_cache(model):

@@ -1,0 +1,1 @@
+../../compat_videoxl.py
