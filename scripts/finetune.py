@@ -431,3 +431,7 @@ def main(argv: list[str] | None = None) -> Trainer:
 
 if __name__ == "__main__":
     main()
+    # Close the process group before the interpreter exits: gloo torn down at exit can abort a finished run
+    # ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
