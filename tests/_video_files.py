@@ -12,6 +12,7 @@ from typing import Sequence
 
 import av
 import numpy as np
+from PIL import Image
 
 
 def has_encoder(name: str) -> bool:
@@ -118,3 +119,12 @@ def decode_all(path: Path) -> tuple[list[np.ndarray], list[float] | None]:
     if None in times:
         return frames, None
     return frames, [t - times[0] for t in times]
+
+
+def clip_crop_reference(frame: np.ndarray) -> np.ndarray:
+    """Independent CLIP-336 crop of an RGB frame (short side 336 bicubic, floored long side, center)."""
+    h, w = frame.shape[:2]
+    new_w, new_h = (336, int(336 * h / w)) if w <= h else (int(336 * w / h), 336)
+    resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BICUBIC))
+    top, left = (new_h - 336) // 2, (new_w - 336) // 2
+    return resized[top : top + 336, left : left + 336].transpose(2, 0, 1)

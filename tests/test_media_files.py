@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _video_files import decode_all, frame_pattern, write_video
+from _video_files import clip_crop_reference, decode_all, frame_pattern, write_video
 from scripts.local_import import REPO_ROOT, processing, video_decoding
 
 
@@ -35,13 +35,6 @@ def faststart(tmp_path_factory):
                        container_options={"movflags": "faststart"})
 
 
-def crop_reference(frame: np.ndarray) -> np.ndarray:
-    """CLIP-336 crop of an RGB frame, written out independently of the processor."""
-    h, w = frame.shape[:2]
-    new_w, new_h = (336, int(336 * h / w)) if w <= h else (int(336 * w / h), 336)
-    resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BICUBIC))
-    top, left = (new_h - 336) // 2, (new_w - 336) // 2
-    return resized[top : top + 336, left : left + 336].transpose(2, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,7 +106,7 @@ def test_display_matrix_is_applied(processor, tmp_path, rotation, turns):
     stored, _ = decode_all(path)
     pixels, meta = processor.load_video(str(path), num_frames=3)
     upright = [np.ascontiguousarray(np.rot90(stored[i], k=turns)) for i in meta.frames_indices]
-    expected = processor.image_processor.frames_to_pixels([crop_reference(f) for f in upright])
+    expected = processor.image_processor.frames_to_pixels([clip_crop_reference(f) for f in upright])
     assert torch.equal(pixels, expected)
     assert (meta.width, meta.height) == ((48, 64) if rotation % 180 else (64, 48))
 
@@ -122,7 +115,7 @@ def test_unrotated_file_is_unchanged(processor, tmp_path):
     path = write_video(tmp_path / "plain.mp4", n_frames=10)
     stored, _ = decode_all(path)
     pixels, meta = processor.load_video(str(path), num_frames=3)
-    expected = processor.image_processor.frames_to_pixels([crop_reference(stored[i]) for i in meta.frames_indices])
+    expected = processor.image_processor.frames_to_pixels([clip_crop_reference(stored[i]) for i in meta.frames_indices])
     assert torch.equal(pixels, expected) and (meta.width, meta.height) == (64, 48)
 
 
@@ -162,7 +155,7 @@ def test_extreme_aspect_ratio_frame_costs_bounded_memory(processor, tmp_path):
 def test_extreme_aspect_ratio_crop_matches_the_whole_frame_resize(processor, size):
     width, height = size
     image = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
-    assert np.array_equal(processor.image_processor.resize_crop(image), crop_reference(np.asarray(image)))
+    assert np.array_equal(processor.image_processor.resize_crop(image), clip_crop_reference(np.asarray(image)))
 
 
 def test_normal_crop_is_a_copy_not_a_view(processor):

@@ -28,6 +28,7 @@ pv = processing()
 ipv = image_processing()
 from conftest import parity_path  # noqa: E402
 from _video_files import (  # noqa: E402
+    clip_crop_reference,
     decode_all,
     frame_pattern,
     has_encoder,
@@ -86,13 +87,6 @@ def lut_pixels(case: str, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return raw, expected
 
 
-def clip_crop_reference(frame: np.ndarray) -> np.ndarray:
-    """Independent CLIP-336 crop of an RGB frame (short side 336 bicubic, floored long side, center)."""
-    h, w = frame.shape[:2]
-    new_w, new_h = (336, int(336 * h / w)) if w <= h else (int(336 * w / h), 336)
-    resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BICUBIC))
-    top, left = (new_h - 336) // 2, (new_w - 336) // 2
-    return resized[top : top + 336, left : left + 336].transpose(2, 0, 1)
 
 
 def normalized(processor, crops_u8: np.ndarray) -> np.ndarray:
