@@ -115,6 +115,14 @@ def check_beacon_cache(cache) -> BeaconCache:
     return cache
 
 
+def split_by_sample(
+    frames: torch.Tensor, input_ids: torch.Tensor, token_id: int, tokens_per_frame: int
+) -> tuple[torch.Tensor, ...]:
+    """Frames `[n, 3, H, W]`, sample after sample, split by each sample's number of `token_id` tokens in
+    `input_ids` `[batch, seq]` (whole frames or tiles)."""
+    return frames.split(((input_ids == token_id).sum(dim=1) // tokens_per_frame).tolist())
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on `x` `[batch, heads, rows, head_dim]` with `cos`/`sin` `[batch, rows, head_dim]`."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -849,7 +857,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
                     f"sample {sample} has {int(counts[sample])} tokens with id {token_id}: not whole frames or tiles "
                     f"of {per_frame} tokens"
                 )
-            for sample, chunk in zip(samples, frames.split((counts // per_frame).tolist())):
+            for sample, chunk in zip(samples, split_by_sample(frames, input_ids, token_id, per_frame)):
                 if chunk.shape[0]:
                     sample[token_id] = chunk
         return samples
@@ -1206,7 +1214,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
                 if (absorbed % per_frame).any():
                     raise ValueError(f"the cache ends inside a frame of {name} ({absorbed.tolist()} tokens absorbed)")
                 skip = (absorbed // per_frame).tolist()
-                per_sample = frames.split((total // per_frame).tolist())
+                per_sample = split_by_sample(frames, input_ids, token_id, per_frame)
                 if kwargs.get("is_first_iteration"):
                     cache.check_frames(token_id, [sample[:n] for sample, n in zip(per_sample, skip)])
                 frames = torch.cat([sample[n:] for sample, n in zip(per_sample, skip)])
@@ -1233,8 +1241,8 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             pixels = visuals[name]
             if pixels is not None and expand_size > 1:
                 frames = pixels.reshape(-1, *pixels.shape[-3:])
-                per_sample = ((input_ids == token_id).sum(dim=1) // self.config.tokens_per_frame).tolist()
-                pixels = torch.cat([chunk for chunk in frames.split(per_sample) for _ in range(expand_size)])
+                per_sample = split_by_sample(frames, input_ids, token_id, self.config.tokens_per_frame)
+                pixels = torch.cat([chunk for chunk in per_sample for _ in range(expand_size)])
             model_kwargs[name] = pixels
         return expanded_ids, model_kwargs
 
