@@ -9,14 +9,18 @@ window; each question is asked when its time comes, from the memory so far, whil
 """
 
 import argparse
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from demo.qa import load
-from demo.run import BUNDLED_MODEL, needle_video
-from scripts.local_import import session
+if __package__ in (None, ""):  # run as a file: make the repo root importable for `demo.qa`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from demo.qa import load  # noqa: E402
+from demo.run import BUNDLED_MODEL, needle_video  # noqa: E402
+from scripts.local_import import session  # noqa: E402
 
 read_live_frames = session.read_live_frames
 

@@ -9,18 +9,33 @@ the original's demo. The bundled tiny model only knows the synthetic needle task
 
 import argparse
 import random
+import sys
 import tempfile
 from pathlib import Path
 
-from demo.qa import answer_letter, ask, load
-from demo.synth import make_sample, write_video
+if __package__ in (None, ""):  # run as a file: make the repo root importable for `demo.qa`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from demo.qa import answer_letter, ask, load  # noqa: E402
+from demo.synth import make_sample, write_video  # noqa: E402
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "model"
 
 
-def needle_video(seed: int, frames: int, out_dir: Path) -> tuple[Path, object]:
-    """A needle video and its colour question: the needle question the bundled tiny model answers reliably."""
-    sample = make_sample(seed, frames, "retrieval", digit_prob=0.0, attribute="colour")
+# The question kinds of the needle test (demo/synth.py): name -> (kind, attribute asked)
+QUESTIONS = {
+    "colour": ("retrieval", "colour"),
+    "shape": ("retrieval", "shape"),
+    "quadrant": ("retrieval", "position"),
+    "ordering": ("ordering", None),
+    "counting": ("counting", None),
+}
+
+
+def needle_video(seed: int, frames: int, out_dir: Path, question: str = "colour") -> tuple[Path, object]:
+    """A needle video file and its `question` (a name of `QUESTIONS`)."""
+    kind, attribute = QUESTIONS[question]
+    sample = make_sample(seed, frames, kind, digit_prob=0.0, attribute=attribute)
     path = out_dir / f"needle_{seed}.mp4"
     write_video(sample.frames, path, fps=1.0)
     return path, sample
@@ -35,6 +50,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=int, help="compression ratio (default: the model config's)")
     parser.add_argument("--seed", type=int, help="seed of the synthetic video (default: random)")
     parser.add_argument("--frames", type=int, default=100, help="length of the synthetic video")
+    parser.add_argument("--kind", choices=list(QUESTIONS), help="the synthetic video's question (default: drawn)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
     if args.video and not args.question:
@@ -46,9 +62,11 @@ def main() -> None:
         video, question, num_frames = args.video, args.question, args.num_frames
         if video is None:
             seed = args.seed if args.seed is not None else random.randrange(500_000)  # below the training seeds
-            video, sample = needle_video(seed, args.frames, Path(tmp))
+            kind = args.kind or random.Random(seed).choice(list(QUESTIONS))
+            video, sample = needle_video(seed, args.frames, Path(tmp), kind)
             question, num_frames = sample.question, args.frames
-            print(f"synthetic needle video: seed {seed}, {args.frames} frames, needle at frame {sample.needle_frames}")
+            print(f"synthetic needle video: seed {seed}, {args.frames} frames, {kind} question, needles at frames "
+                  f"{sample.needle_frames}")
         sampling = {"num_frames": num_frames} if num_frames else {}
         reply = ask(model, processor, str(video), question, ratio=args.ratio,
                     max_new_tokens=args.max_new_tokens, **sampling)

@@ -51,7 +51,7 @@ POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom ri
 KINDS: tuple[str, ...] = ("retrieval", "ordering", "counting")
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "digit", "position")
 LETTERS: str = "ABCD"
-ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+ANSWER_INSTRUCTION = "Answer with the option's text."
 
 RETRIEVAL_PROMPTS: dict[str, str] = {
     "colour": "What colour was the {shape} that appeared in the video?",

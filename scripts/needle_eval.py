@@ -17,6 +17,7 @@ paths relative to the JSON file). Answers are scored by the option letter.
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +25,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from demo.qa import answer_letter, ask, load
-from demo.synth import ATTRIBUTES, make_sample
-from scripts.local_import import processing
+if __package__ in (None, ""):  # run as a file: make the repo root importable for `demo.qa`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from demo.qa import answer_letter, ask, load  # noqa: E402
+from demo.synth import ATTRIBUTES, make_sample  # noqa: E402
+from scripts.local_import import processing  # noqa: E402
 
 
 def parse_list(text: str, kind=int) -> list:
@@ -84,6 +88,79 @@ def heatmap(cells: dict, frames: list[int], depths: list[float], path: Path, tit
     fig.savefig(path, dpi=120)
 
 
+# The needle goals (README, "The bundled tiny model"): (name, kind, attributes, frames, needle shown)
+SUITE = [
+    ("colour", "retrieval", ["colour"], [10, 40, 100, 200], True),
+    ("shape", "retrieval", ["shape"], [10, 40, 100, 200], True),
+    ("quadrant", "retrieval", ["position"], [10, 40, 100, 200], True),
+    ("ordering", "ordering", list(ATTRIBUTES), [20, 40, 100], True),
+    ("counting", "counting", list(ATTRIBUTES), [20, 40, 100], True),
+    ("control", "retrieval", ["colour", "shape", "position"], [10, 40, 100], False),
+]
+
+
+def evaluate(model, processor, args) -> dict:
+    """Ask every trial of `args` (the CLI's fields) and score it: per-cell and overall accuracy, every reply."""
+    trials = haystack_trials(args) if args.haystack else synthetic_trials(args)
+    per_cell = len(json.loads(Path(args.needles).read_text())) if args.haystack else args.samples
+    correct, results = {}, []
+    for frames, depth, video, question, answer in tqdm(trials, total=len(args.frames) * len(args.depths) * per_cell,
+                                                       desc="needle", disable=args.quiet):
+        sampling = {"num_frames": frames} if args.haystack else {"fps": 1.0, "video_fps": 1.0}
+        reply = ask(model, processor, video, question, ratio=args.ratio, max_new_tokens=4, **sampling)
+        hit = answer_letter(reply.text, question) == answer
+        correct.setdefault((frames, depth), []).append(hit)
+        results.append({"frames": frames, "depth": depth, "answer": answer, "reply": reply.text, "correct": hit})
+    cells = {key: float(np.mean(hits)) for key, hits in correct.items()}
+    return {
+        "model": str(args.model), "kind": args.kind, "attributes": args.attributes, "ratio": args.ratio,
+        "needle": not args.no_needle, "accuracy": float(np.mean([r["correct"] for r in results])),
+        "cells": [{"frames": f, "depth": d, "accuracy": a} for (f, d), a in cells.items()], "results": results,
+    }
+
+
+def cells_of(summary: dict) -> dict:
+    return {(cell["frames"], cell["depth"]): cell["accuracy"] for cell in summary["cells"]}
+
+
+def print_table(summary: dict, frames: list[int], depths: list[float]) -> None:
+    cells = cells_of(summary)
+    print("| depth \\ frames | " + " | ".join(str(f) for f in frames) + " |")
+    print("|---" * (len(frames) + 1) + "|")
+    for depth in depths:
+        print(f"| {depth:g}% | " + " | ".join(f"{cells[(f, depth)]:.0%}" for f in frames) + " |")
+    print(f"\naccuracy {summary['accuracy']:.1%} over {len(summary['results'])} questions ({summary['kind']}, "
+          f"ratio {summary['ratio']}{'' if summary['needle'] else ', no needle'})")
+
+
+def run_suite(model, processor, args) -> None:
+    """Every goal of the bundled model's needle test: each question kind at r = 16 (a JSON and a heatmap each),
+    again at the other `--ratios` (JSON), and `summary_r<ratios>.md`, a table of accuracy per kind, ratio and
+    frame count."""
+    out = args.suite
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, kind, attributes, frames, needle in SUITE:
+        for ratio in args.ratios if needle else [r for r in args.ratios if r == 16]:
+            run = argparse.Namespace(**{**vars(args), "kind": kind, "attributes": attributes, "frames": frames,
+                                        "ratio": ratio, "no_needle": not needle})
+            summary = evaluate(model, processor, run)
+            (out / f"{name}_r{ratio}.json").write_text(json.dumps(summary, indent=1))
+            if ratio == 16:
+                heatmap(cells_of(summary), frames, args.depths, out / f"{name}_r{ratio}.png",
+                        f"{name}, r={ratio}: {summary['accuracy']:.0%}")
+            per_frames = {f: np.mean([r["correct"] for r in summary["results"] if r["frames"] == f]) for f in frames}
+            rows.append((name, ratio, summary["accuracy"], per_frames, len(summary["results"])))
+            print(f"{name} r={ratio}: {summary['accuracy']:.1%} "
+                  + " ".join(f"{f}f {a:.0%}" for f, a in per_frames.items()), flush=True)
+    lines = ["| question | r | accuracy | per frame count | questions |", "|---|---:|---:|---|---:|"]
+    for name, ratio, accuracy, per_frames, count in rows:
+        detail = ", ".join(f"{f}: {a:.0%}" for f, a in per_frames.items())
+        lines.append(f"| {name} | {ratio} | {accuracy:.1%} | {detail} | {count} |")
+    (out / f"summary_r{'-'.join(map(str, args.ratios))}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -101,40 +178,27 @@ def main() -> None:
     parser.add_argument("--needles", help="JSON list of needle images and questions (with --haystack)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
+    parser.add_argument("--suite", type=Path, help="run every needle goal of the bundled model into this folder "
+                                                   "(--samples per cell; the other task options are the suite's)")
+    parser.add_argument("--ratios", type=parse_list, default=[16, 8, 4, 2], help="the suite's ratios")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if unknown := set(args.attributes) - set(ATTRIBUTES):
         parser.error(f"--attributes: unknown {sorted(unknown)}; expected some of {','.join(ATTRIBUTES)}")
 
     model, processor = load(args.model)
-    trials = haystack_trials(args) if args.haystack else synthetic_trials(args)
-    total = len(args.frames) * len(args.depths) * (len(json.loads(Path(args.needles).read_text())) if args.haystack else args.samples)
-    correct, results = {}, []
-    for frames, depth, video, question, answer in tqdm(trials, total=total, desc="needle"):
-        sampling = {"num_frames": frames} if args.haystack else {"fps": 1.0, "video_fps": 1.0}
-        reply = ask(model, processor, video, question, ratio=args.ratio, max_new_tokens=4, **sampling)
-        hit = answer_letter(reply.text, question) == answer
-        correct.setdefault((frames, depth), []).append(hit)
-        results.append({"frames": frames, "depth": depth, "answer": answer, "reply": reply.text, "correct": hit})
-
-    cells = {key: float(np.mean(hits)) for key, hits in correct.items()}
-    accuracy = float(np.mean([r["correct"] for r in results]))
-    print("| depth \\ frames | " + " | ".join(str(f) for f in args.frames) + " |")
-    print("|---" * (len(args.frames) + 1) + "|")
-    for depth in args.depths:
-        print(f"| {depth:g}% | " + " | ".join(f"{cells[(f, depth)]:.0%}" for f in args.frames) + " |")
-    print(f"\naccuracy {accuracy:.1%} over {len(results)} questions ({args.kind}, ratio {args.ratio}"
-          f"{', no needle' if args.no_needle else ''})")
-    summary = {
-        "model": str(args.model), "kind": args.kind, "ratio": args.ratio, "needle": not args.no_needle,
-        "accuracy": accuracy, "cells": [{"frames": f, "depth": d, "accuracy": a} for (f, d), a in cells.items()],
-        "results": results,
-    }
+    if args.suite:
+        run_suite(model, processor, args)
+        return
+    summary = evaluate(model, processor, args)
+    print_table(summary, args.frames, args.depths)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1))
     if args.png:
         args.png.parent.mkdir(parents=True, exist_ok=True)
-        heatmap(cells, args.frames, args.depths, args.png, f"{args.kind}, r={args.ratio}: {accuracy:.0%}")
+        heatmap(cells_of(summary), args.frames, args.depths, args.png,
+                f"{args.kind}, r={args.ratio}: {summary['accuracy']:.0%}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def parity_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_processor_dir(tmp_path_factory) -> Path:
-    """The released 7B's processor (CLIP-336, 144 tokens a tile, ChatML) with the demo's 154-word tokenizer.
+    """The released 7B's processor (CLIP-336, 144 tokens a tile, ChatML) with the demo's word-level tokenizer.
 
     The parity checkpoint has 1,000 vocabulary rows and no tokenizer of its own; the Qwen2 tokenizer's ids would
     run past its embedding, the demo tokenizer's stay inside it.

@@ -73,7 +73,7 @@ def tiny_processor(tokenizer):
 
 
 def write_tiny_model(folder: Path) -> Path:
-    """A random tiny Video-XL over the 154-token demo tokenizer, saved with its processor."""
+    """A random tiny Video-XL over the demo tokenizer, saved with its processor."""
     tokenizer = build_tiny_tokenizer(folder / "tokenizer")
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
