@@ -12,14 +12,14 @@ from scripts.local_import import REPO_ROOT, BeaconCache, compat
 from tests.conftest import random_frames, tiny_model, video_prompt
 
 
-@pytest.mark.parametrize("version", ["4.57.6", "5.22.2", "5.23.0rc0", "6.0.0"])
+@pytest.mark.parametrize("version", ["4.57.6", "5.9.0", "5.10.0rc0", "6.0.0"])
 def test_an_unsupported_transformers_is_refused_with_the_supported_range(monkeypatch, version):
     monkeypatch.setattr(transformers, "__version__", version)
-    with pytest.raises(ImportError, match=r"supports transformers>=5\.23\.0,<6 .*" + version.replace(".", r"\.")):
+    with pytest.raises(ImportError, match=r"supports transformers>=5\.10\.0,<6 .*" + version.replace(".", r"\.")):
         compat.check_transformers_version()
 
 
-@pytest.mark.parametrize("version", ["5.23.0", "5.24.0", "5.99.1"])
+@pytest.mark.parametrize("version", ["5.10.0", "5.17.2", "5.23.0", "5.24.0", "5.99.1"])
 def test_a_supported_transformers_passes(monkeypatch, version):
     monkeypatch.setattr(transformers, "__version__", version)
     compat.check_transformers_version()
@@ -28,7 +28,7 @@ def test_a_supported_transformers_passes(monkeypatch, version):
 def test_importing_the_code_under_an_unsupported_transformers_fails_at_the_guard(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.57.6")
     spec = importlib.util.spec_from_file_location("compat_videoxl_fresh", REPO_ROOT / "compat_videoxl.py")
-    with pytest.raises(ImportError, match=r"transformers>=5\.23\.0,<6"):
+    with pytest.raises(ImportError, match=r"transformers>=5\.10\.0,<6"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
