@@ -16,6 +16,7 @@ error messages.
 | assisted decoding's cache           | asks the assistant for "dynamic_full"  | asks nothing (5.15)                 |
 | processor `apply_chat_template`     | assistant masks from offsets in the    | moved past expanded placeholders    |
 |                                     | caller's text                          | by the library (5.18)               |
+| extra `apply_chat_template` keywords| replace `processor_kwargs` (5.5-5.21)  | merged into them (5.22)             |
 | user text marked by the template    | expanded / counted as placeholders     | kept as text (5.23)                 |
 | `device_map={"": "disk"}`           | left undispatched                      | dispatched (5.13)                   |
 
@@ -57,7 +58,7 @@ from transformers import TrainingArguments  # noqa: E402
 from transformers import modeling_outputs as _outputs  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 from transformers.modeling_utils import PreTrainedModel  # noqa: E402
-from transformers.processing_utils import ProcessingKwargs, TextKwargs  # noqa: E402
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -173,9 +174,9 @@ class ModelAdapters:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        check_dispatched(model, kwargs.get("device_map"))
-        return model
+        loaded = super().from_pretrained(*args, **kwargs)
+        check_dispatched(loaded[0] if kwargs.get("output_loading_info") else loaded, kwargs.get("device_map"))
+        return loaded
 
 
 def check_dispatched(model, device_map) -> None:
@@ -247,6 +248,21 @@ else:
         return_text_replacement_offsets: bool | None
 
 
+_CHAT_TEMPLATE_PARAMETERS = set(inspect.signature(ProcessorMixin.apply_chat_template).parameters)
+
+
+def chat_template_keywords(processor_kwargs: dict, kwargs: dict) -> dict:
+    """The keywords for `ProcessorMixin.apply_chat_template`: `processor_kwargs=processor_kwargs` and `kwargs`.
+
+    The library takes every extra keyword that is not a variable of the chat template (a pipeline's `do_sample`, say)
+    as an option for the processor's `__call__`: from 5.22 merged into `processor_kwargs`, before in their place,
+    which would drop them silently. So when extra keywords come, the options go among them.
+    """
+    if processor_kwargs and any(key not in _CHAT_TEMPLATE_PARAMETERS for key in kwargs):
+        return {**processor_kwargs, **kwargs}
+    return {"processor_kwargs": processor_kwargs, **kwargs}
+
+
 def offsets_in_caller_text(offset_mapping: list, replacements: list[dict]) -> list:
     """One sample's token `offset_mapping` moved from the placeholder-expanded text back to the text the caller gave:
     a token inside an expansion gets the span of its placeholder. `replacements`: `{"span", "new_span"}` per expanded
@@ -286,5 +302,6 @@ __all__ = [
     "PROCESSOR_KEEPS_MARKED_TEXT",
     "refuse_marked_text",
     "ProcessorTextKwargs",
+    "chat_template_keywords",
     "offsets_in_caller_text",
 ]

@@ -45,6 +45,7 @@ from .video_decoding_videoxl import (
 from .compat_videoxl import (
     PROCESSOR_KEEPS_MARKED_TEXT,
     ProcessorTextKwargs,
+    chat_template_keywords,
     offsets_in_caller_text,
     refuse_marked_text,
 )
@@ -270,7 +271,7 @@ class VideoXLProcessor(ProcessorMixin):
         else:
             self._refuse_what_this_release_would_expand(conversation, kwargs)
         return super().apply_chat_template(conversation, chat_template=chat_template,
-                                           processor_kwargs=processor_kwargs, **kwargs)
+                                           **chat_template_keywords(processor_kwargs, kwargs))
 
     # -- helpers --------------------------------------------------------------------------------
 
