@@ -23,6 +23,13 @@ from PIL import Image
 
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, VideosKwargs
 
+from .compat_videoxl import (
+    PROCESSOR_KEEPS_MARKED_TEXT,
+    ProcessorTextKwargs,
+    chat_template_keywords,
+    offsets_in_caller_text,
+    refuse_marked_text,
+)
 from .image_processing_videoxl import (
     VideoXLImageProcessor,
     default_grid_pinpoints,
@@ -39,15 +46,6 @@ from .video_decoding_videoxl import (
     read_video_frames,
     sample_frames_in_memory,
     source_name,
-)
-
-
-from .compat_videoxl import (
-    PROCESSOR_KEEPS_MARKED_TEXT,
-    ProcessorTextKwargs,
-    chat_template_keywords,
-    offsets_in_caller_text,
-    refuse_marked_text,
 )
 
 
@@ -315,7 +313,7 @@ class VideoXLProcessor(ProcessorMixin):
         """On releases whose processor cannot keep marked user text as text: refuse `sanitize_control_tokens=True`
         (it would be dropped silently) and, when tokenizing, `<image>` / `<video>` typed inside text items (they would
         count as placeholders)."""
-        if kwargs.get("sanitize_control_tokens"):
+        if kwargs.pop("sanitize_control_tokens", False):
             refuse_marked_text("sanitize_control_tokens=True")
         if not kwargs.get("tokenize"):
             return
