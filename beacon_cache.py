@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .compat_videoxl import crop_count
+
 
 FORMAT = "videoxl-beacon-cache"
 FORMAT_VERSION = 1
@@ -46,6 +48,10 @@ class BeaconLayer(DynamicLayer):
             self.valid = self.valid[:, :rows]
 
     def reset(self) -> None:
+        # Dropped, not zeroed: `update` grows them by concatenation. (Before 5.18 the library's reset zeroes them in
+        # place and keeps their rows; with `is_initialized` cleared first it only resets its own bookkeeping.)
+        self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
         self.valid = None
 
@@ -283,7 +289,9 @@ class BeaconCache(Cache):
 
         Only raw text rows after the last compressed window can be removed, each with the absorbed column it came
         from; cutting into compressed memory raises a `ValueError` (a compressed window cannot be re-opened).
+        Releases before 5.15 pass the number of columns to keep instead (`compat_videoxl.crop_count`).
         """
+        tokens_to_remove = crop_count(tokens_to_remove, self.seen_tokens)
         if tokens_to_remove > 0:
             raise ValueError(
                 f"crop takes a negative number of rows to remove, got {tokens_to_remove}; to keep n rows call "

@@ -6,7 +6,7 @@ from .compat_videoxl import check_transformers_version  # noqa: F401, I001
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
 
 
 def default_grid_pinpoints(tile: int = 336, max_tiles: int = 49) -> list[list[int]]:
@@ -50,6 +50,14 @@ CLIP_L_336 = {
 }
 
 
+def sub_config(value: dict | PreTrainedConfig | None, model_type: str, defaults: dict) -> PreTrainedConfig:
+    """A sub-config from a config, a dict (its `model_type` defaulting to `model_type`) or None (`defaults`)."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    value = dict(defaults) if value is None else dict(value)
+    return AutoConfig.for_model(value.pop("model_type", model_type), **value)
+
+
 AUTO_MAP = {
     "AutoConfig": "configuration_videoxl.VideoXLConfig",
     "AutoModel": "modeling_videoxl.VideoXLForCausalLM",
@@ -82,12 +90,9 @@ class VideoXLConfig(PreTrainedConfig):
     """
 
     model_type = "videoxl"
-    sub_configs_defaults = {
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=QWEN2_7B),
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L_336
-        ),
-    }
+    # Declared the way every dataclass-config release reads (5.20 added `SubConfigSpec` defaults, which earlier
+    # releases lack): the sub-config classes here, the sub-configs built in `__post_init__`.
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -105,6 +110,8 @@ class VideoXLConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        self.text_config = sub_config(self.text_config, "qwen2", QWEN2_7B)
+        self.vision_config = sub_config(self.vision_config, "clip_vision_model", CLIP_L_336)
         super().__post_init__(**kwargs)
         if not getattr(self, "auto_map", None):
             # Saved into config.json so that every Auto class finds the remote code.

@@ -37,7 +37,9 @@ from .compat_videoxl import (
     CACHE_NAME,
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    ModelAdapters,
     cache_field,
+    drop_rollback_cache_request,
     rename_cache_kwarg,
     take_cache,
 )
@@ -510,7 +512,7 @@ class VideoXLVisionTower(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class VideoXLPreTrainedModel(PreTrainedModel):
+class VideoXLPreTrainedModel(ModelAdapters, PreTrainedModel):
     config_class = VideoXLConfig
     config: VideoXLConfig
     base_model_prefix = "model"
@@ -1142,6 +1144,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         rename_cache_kwarg(model_kwargs)
         if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
             model_kwargs[CACHE_NAME] = BeaconCache(self.config.text_config.num_hidden_layers)
+            drop_rollback_cache_request(generation_config)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(

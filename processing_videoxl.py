@@ -23,6 +23,13 @@ from PIL import Image
 
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, VideosKwargs
 
+from .compat_videoxl import (
+    PROCESSOR_KEEPS_MARKED_TEXT,
+    ProcessorTextKwargs,
+    chat_template_keywords,
+    offsets_in_caller_text,
+    refuse_marked_text,
+)
 from .image_processing_videoxl import (
     VideoXLImageProcessor,
     default_grid_pinpoints,
@@ -42,10 +49,8 @@ from .video_decoding_videoxl import (
 )
 
 
-try:  # transformers >= 5.22: user text marked by `sanitize_control_tokens` is never a placeholder
+if PROCESSOR_KEEPS_MARKED_TEXT:  # user text marked by `mark_control_tokens` is never a placeholder
     from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
-except ImportError:  # earlier releases: literal placeholders in text items count (a clear count error)
-    mark_control_tokens = None
 
 DEFAULT_TOKENS_PER_FRAME = 144  # 24x24 CLIP patches, 2x2 average pool -> 12x12
 
@@ -64,6 +69,7 @@ class VideoXLVideosKwargs(VideosKwargs, total=False):
 
 
 class VideoXLProcessorKwargs(ProcessingKwargs, total=False):
+    text_kwargs: ProcessorTextKwargs
     videos_kwargs: VideoXLVideosKwargs
     # Batches of prompts of different lengths pad by default. (`_defaults` is read by every 5.x release;
     # 5.24 also reads class attributes of the processor.)
@@ -234,7 +240,19 @@ class VideoXLProcessor(ProcessorMixin):
         kwargs.setdefault("padding_side", self.padding_side)
         if videos is not None:
             self._samplings(kwargs)  # our clear errors for bad options before the library's type checks
-        return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        # `offset_mapping` asked for without the replacements: offsets into the text the caller gave, as a tokenizer's
+        # are (releases before 5.18 compute assistant masks from them).
+        caller_offsets = kwargs.get("return_offsets_mapping") and not kwargs.get("return_text_replacement_offsets")
+        if caller_offsets:
+            kwargs["return_text_replacement_offsets"] = True
+        out = super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        if caller_offsets:
+            replacements = out.pop("text_replacement_offsets")
+            moved = [offsets_in_caller_text(row, sample) for row, sample in zip(out["offset_mapping"], replacements)]
+            offsets = out["offset_mapping"]
+            out["offset_mapping"] = torch.tensor(moved, dtype=offsets.dtype) if torch.is_tensor(offsets) else (
+                np.array(moved, dtype=offsets.dtype) if isinstance(offsets, np.ndarray) else moved)
+        return out
 
     def apply_chat_template(self, conversation, chat_template=None, processor_kwargs=None, **kwargs):
         """transformers' apply_chat_template. Sampling options may be passed directly (`num_frames=64`);
@@ -246,9 +264,12 @@ class VideoXLProcessor(ProcessorMixin):
                     "padding_side", "padding", "do_sample_frames"):
             if key in kwargs:
                 processor_kwargs[key] = kwargs.pop(key)
-        conversation = self._mark_placeholders_in_text(conversation, kwargs, processor_kwargs)
+        if PROCESSOR_KEEPS_MARKED_TEXT:
+            conversation = self._mark_placeholders_in_text(conversation, kwargs, processor_kwargs)
+        else:
+            self._refuse_what_this_release_would_expand(conversation, kwargs)
         return super().apply_chat_template(conversation, chat_template=chat_template,
-                                           processor_kwargs=processor_kwargs, **kwargs)
+                                           **chat_template_keywords(processor_kwargs, kwargs))
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -258,7 +279,7 @@ class VideoXLProcessor(ProcessorMixin):
         Only with `tokenize=True` (a rendered string cannot tell them apart) and without assistant masks
         (marked text is tokenized without offsets); full sanitization already marks them.
         """
-        if (mark_control_tokens is None or not kwargs.get("tokenize") or kwargs.get("sanitize_control_tokens")
+        if (not kwargs.get("tokenize") or kwargs.get("sanitize_control_tokens")
                 or kwargs.get("return_assistant_tokens_mask")):
             return conversation
         pattern, _ = _get_control_token_patterns((self.image_token, self.video_token))
@@ -287,6 +308,26 @@ class VideoXLProcessor(ProcessorMixin):
             return conversation
         processor_kwargs["sanitize_control_tokens"] = True
         return marked if batched else marked[0]
+
+    def _refuse_what_this_release_would_expand(self, conversation, kwargs: dict) -> None:
+        """On releases whose processor cannot keep marked user text as text: refuse `sanitize_control_tokens=True`
+        (it would be dropped silently) and, when tokenizing, `<image>` / `<video>` typed inside text items (they would
+        count as placeholders)."""
+        if kwargs.pop("sanitize_control_tokens", False):
+            refuse_marked_text("sanitize_control_tokens=True")
+        if not kwargs.get("tokenize"):
+            return
+        for chat in (conversation if isinstance(conversation[0], (list, tuple)) else [conversation]):
+            for message in chat:
+                content = message.get("content") if isinstance(message, dict) else None
+                texts = [content] if isinstance(content, str) else [
+                    item["text"] for item in content or []
+                    if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str)
+                ]
+                found = [token for token in (self.video_token, self.image_token) if any(token in t for t in texts)]
+                if found:
+                    refuse_marked_text(f"a text item contains {' and '.join(map(repr, found))} (only image / video "
+                                       "items make placeholders)")
 
     def _samplings(self, kwargs: dict[str, Any]) -> tuple[VideoSampling, VideoSampling | None]:
         """(sampling of files, sampling of in-memory frames or None to keep them as given).

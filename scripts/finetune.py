@@ -52,17 +52,17 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.collator import VideoXLCollator, check_dataset  # noqa: E402
+from scripts.local_import import compat  # noqa: E402
 
 
 TRAIN_MODES = ("all", "llm", "vst", "projector", "lora")
 # Decoder attention (with the VST copies beacon_{q,k,v}_proj) and MLP linears; the vision tower's q/k/v_proj are not
 # matched because the pattern is anchored at the decoder layers.
 LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o|beacon_q|beacon_k|beacon_v)_proj|mlp\.(gate|up|down)_proj)"
-# Names that moved between transformers 5.x releases (written for 5.24), for the compatibility module to map:
-# the TrainingArguments flag and `<name>_kwargs`, and the model methods `<name>_enable` / `<name>_disable` (older
-# releases: gradient_checkpointing). Also version-sensitive, in VideoXLTrainingArguments: `warmup_steps` taking a
-# fraction (older: `warmup_ratio`); in the README: a bare `--fsdp` with `--fsdp_config` (older: "full_shard auto_wrap").
-ACTIVATION_CHECKPOINTING = "activation_checkpointing"
+# The installed transformers' name for the TrainingArguments flag and `<name>_kwargs`, and for the model methods
+# `<name>_enable` / `<name>_disable` (before 5.23: gradient_checkpointing). `--activation_checkpointing` works on every
+# release (`compat.ActivationCheckpointingArguments`).
+ACTIVATION_CHECKPOINTING = compat.ACTIVATION_CHECKPOINTING
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class ProjectArguments:
 
 
 @dataclass
-class VideoXLTrainingArguments(TrainingArguments):
+class VideoXLTrainingArguments(compat.ActivationCheckpointingArguments, TrainingArguments):
     """`TrainingArguments` with the project's defaults."""
 
     # Samples batch together only with the same prompt layout (visual tokens in the same columns): one by default.

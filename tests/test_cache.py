@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from scripts.local_import import REPO_ROOT, BeaconCache
+from scripts.local_import import REPO_ROOT, BeaconCache, compat
 from tests.conftest import TOKENS_PER_FRAME, VIDEO_ID, random_frames, tiny_model, video_prompt
 
 
@@ -77,7 +77,8 @@ def test_crop_into_compressed_memory_is_refused_and_changes_nothing():
     _, ids, _, cache = prefilled()
     with pytest.raises(ValueError, match="compressed"):
         cache.crop(-6)
-    with pytest.raises(ValueError, match="negative"):
+    # A positive count: the number of columns to keep where the library passes that (before 5.15), else refused.
+    with pytest.raises(ValueError, match="compressed" if compat.CROP_TAKES_LENGTH else "negative"):
         cache.crop(3)
     consistent(cache)
     assert cache.get_seq_length() == 4 + 16 + 8 + 5 and torch.equal(cache.absorbed_ids, ids)
@@ -239,7 +240,10 @@ def test_prompt_lookup_decoding_equals_greedy():
     greedy = model.generate(ids, pixel_values_videos=pixels, max_new_tokens=12, do_sample=False)
     assisted = model.generate(ids, pixel_values_videos=pixels, max_new_tokens=12, do_sample=False,
                               prompt_lookup_num_tokens=3)
-    assert assisted.tolist() == greedy.tolist()
+    # Older releases' prompt lookup can keep one accepted draft token past max_new_tokens, for any model (a Qwen2
+    # does the same on 5.13): the tokens greedy decoding made must be the same.
+    assert assisted[:, : greedy.shape[1]].tolist() == greedy.tolist()
+    assert assisted.shape[1] - greedy.shape[1] in (0, 1)
 
 
 def test_beam_search_reorders_the_cache_consistently():

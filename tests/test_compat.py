@@ -12,14 +12,14 @@ from scripts.local_import import REPO_ROOT, BeaconCache, compat
 from tests.conftest import random_frames, tiny_model, video_prompt
 
 
-@pytest.mark.parametrize("version", ["4.57.6", "5.22.2", "5.23.0rc0", "6.0.0"])
+@pytest.mark.parametrize("version", ["4.57.6", "5.9.0", "5.10.0rc0", "6.0.0"])
 def test_an_unsupported_transformers_is_refused_with_the_supported_range(monkeypatch, version):
     monkeypatch.setattr(transformers, "__version__", version)
-    with pytest.raises(ImportError, match=r"supports transformers>=5\.23\.0,<6 .*" + version.replace(".", r"\.")):
+    with pytest.raises(ImportError, match=r"supports transformers>=5\.10\.0,<6 .*" + version.replace(".", r"\.")):
         compat.check_transformers_version()
 
 
-@pytest.mark.parametrize("version", ["5.23.0", "5.24.0", "5.99.1"])
+@pytest.mark.parametrize("version", ["5.10.0", "5.17.2", "5.23.0", "5.24.0", "5.99.1"])
 def test_a_supported_transformers_passes(monkeypatch, version):
     monkeypatch.setattr(transformers, "__version__", version)
     compat.check_transformers_version()
@@ -28,7 +28,7 @@ def test_a_supported_transformers_passes(monkeypatch, version):
 def test_importing_the_code_under_an_unsupported_transformers_fails_at_the_guard(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.57.6")
     spec = importlib.util.spec_from_file_location("compat_videoxl_fresh", REPO_ROOT / "compat_videoxl.py")
-    with pytest.raises(ImportError, match=r"transformers>=5\.23\.0,<6"):
+    with pytest.raises(ImportError, match=r"transformers>=5\.10\.0,<6"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
@@ -89,3 +89,85 @@ def test_clip_parameter_names_have_the_vision_model_level():
     assert names and all(n.startswith("model.vision_tower.vision_tower.vision_model.") for n in names)
     assert "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight" in names
 
+
+
+# ---- activation checkpointing names --------------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_names_work_on_every_release(tmp_path):
+    model = tiny_model()
+    model.activation_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    assert hasattr(model, f"{compat.ACTIVATION_CHECKPOINTING}_enable")  # the library's own name
+
+
+@pytest.mark.parametrize("flag", ["--activation_checkpointing", "--gradient_checkpointing"])
+def test_the_training_flag_is_read_under_either_name(tmp_path, flag):
+    from scripts.finetune import parse_args
+
+    _, args = parse_args(["--model", "m", "--data", "d.jsonl", "--output_dir", str(tmp_path), flag,
+                          f"{flag}_kwargs", '{"use_reentrant": false}'])
+    # The name this release's Trainer reads is set, whichever was given.
+    assert getattr(args, compat.ACTIVATION_CHECKPOINTING) is True
+    assert getattr(args, f"{compat.ACTIVATION_CHECKPOINTING}_kwargs") == {"use_reentrant": False}
+    assert args.activation_checkpointing is True
+
+
+# ---- cache rollback ------------------------------------------------------------------------------------------------
+
+
+def test_crop_counts_follow_this_transformers_convention():
+    assert compat.crop_count(-3, seen_tokens=10) == -3 and compat.crop_count(0, seen_tokens=10) == 0
+    # A positive argument is the length to keep where the library passes that (before 5.15); else refused later.
+    assert compat.crop_count(7, seen_tokens=10) == (-3 if compat.CROP_TAKES_LENGTH else 7)
+    assert compat.crop_count(12, seen_tokens=10) == (0 if compat.CROP_TAKES_LENGTH else 12)
+
+
+# ---- placement -----------------------------------------------------------------------------------------------------
+
+
+def test_an_undispatched_disk_map_is_refused_naming_the_way_out():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"does not dispatch .*5\.13.*\"lm_head\": \"cpu\""):
+        compat.check_dispatched(model, {"": "disk"})
+    compat.check_dispatched(model, {"": "cpu"})  # nothing on disk: nothing to dispatch
+    model.hf_device_map = {"": "disk"}
+    compat.check_dispatched(model, {"": "disk"})
+
+
+# ---- processor -----------------------------------------------------------------------------------------------------
+
+
+def test_offsets_move_back_to_the_caller_text_around_expanded_placeholders():
+    # caller text "ab<v>cd<v>e" -> expanded "ab" + 6 chars + "cd" + 4 chars + "e"
+    replacements = [{"span": (2, 5), "new_span": (2, 8)}, {"span": (7, 10), "new_span": (10, 14)}]
+    expanded = [(0, 2), (2, 5), (5, 8), (8, 10), (10, 12), (12, 14), (14, 15), (15, 15)]
+    assert compat.offsets_in_caller_text(expanded, replacements) == [
+        (0, 2), (2, 5), (2, 5), (5, 7), (7, 10), (7, 10), (10, 11), (11, 11)
+    ]
+
+
+def test_processor_options_stay_with_extra_chat_template_keywords():
+    assert compat.chat_template_keywords({"num_frames": 4}, {"tokenize": True}) == {
+        "processor_kwargs": {"num_frames": 4}, "tokenize": True}
+    # An extra keyword (a pipeline's do_sample): the options go with it, which every release keeps.
+    assert compat.chat_template_keywords({"num_frames": 4}, {"tokenize": True, "do_sample": False}) == {
+        "num_frames": 4, "tokenize": True, "do_sample": False}
+
+
+def test_caller_offsets_from_the_processor(tmp_path):
+    import numpy as np
+
+    from scripts.local_import import processing
+
+    processor = processing().VideoXLProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    text = "Q <video> A"
+    out = processor(text=text, videos=np.zeros((2, 8, 8, 3), np.uint8), return_offsets_mapping=True,
+                    return_tensors="pt")
+    offsets = out["offset_mapping"][0].tolist()
+    video = out["input_ids"][0] == processor.video_token_id
+    assert int(video.sum()) == 2 * 144 and "text_replacement_offsets" not in out
+    assert {tuple(o) for o, v in zip(offsets, video.tolist()) if v} == {(2, 9)}  # each one the caller's <video>
+    assert text[slice(*offsets[-1])] == " A"
