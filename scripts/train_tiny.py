@@ -330,6 +330,8 @@ def main() -> None:
     print(f"trained {vision_steps} vision steps and {args.steps} steps in {minutes:.1f} min")
 
     args.output.mkdir(parents=True, exist_ok=True)
+    for name in CODE_FILES:  # save_pretrained copies the code files and cannot copy onto a link to themselves
+        (args.output / name).unlink(missing_ok=True)
     model.eval()
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
