@@ -510,6 +510,28 @@ class VideoXLDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, kept_keys, kept_values
 
 
+class VideoXLProjector(GradientCheckpointingLayer, nn.Sequential):
+    """CLIP patch features -> LLM inputs: linear, activation, `pool_stride` x `pool_stride` average pool, linear
+    (children `0`, `1`, `2`, as the released `mm_projector`). A checkpointing layer: under activation checkpointing
+    a trained projector keeps its input, not its activations (several times a frame's features), for every window.
+    """
+
+    def __init__(self, vision_hidden: int, hidden: int, activation: str, pool_stride: int):
+        super().__init__(nn.Linear(vision_hidden, hidden), ACT2FN[activation], nn.Linear(hidden, hidden))
+        self.pool_stride = pool_stride
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`features` `[n, patches, vision_hidden]` (a square grid of patches) -> `[n, patches / stride^2, hidden]`."""
+        first, activation, second = self
+        hidden_states = activation(first(features))
+        n, patches, dim = hidden_states.shape
+        side = int(patches**0.5)
+        grid = hidden_states.view(n, side, side, dim).permute(0, 3, 1, 2)
+        pooled = nn.functional.avg_pool2d(grid, self.pool_stride)
+        # An average commutes with an affine map, so the second linear runs on the pooled rows only.
+        return second(pooled.flatten(2).transpose(1, 2))
+
+
 class VideoXLVisionTower(nn.Module):
     """CLIP vision encoder. Holds the library's `CLIPVisionModel` as `vision_tower.vision_model` so that parameter
     names match the released checkpoint (`model.vision_tower.vision_tower.vision_model.*`)."""
@@ -571,10 +593,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
         self.norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=text)
         self.vision_tower = VideoXLVisionTower(config.vision_config, config.vision_feature_layer)
-        self.mm_projector = nn.Sequential(
-            nn.Linear(config.vision_config.hidden_size, text.hidden_size),
-            ACT2FN[config.projector_hidden_act],
-            nn.Linear(text.hidden_size, text.hidden_size),
+        self.mm_projector = VideoXLProjector(
+            config.vision_config.hidden_size, text.hidden_size, config.projector_hidden_act, config.spatial_pool_stride
         )
         self.ratio_schedule = RatioSchedule(config.ratio_seed)
         self._warned_positions = False
@@ -593,19 +613,11 @@ class VideoXLModel(VideoXLPreTrainedModel):
     # ---- visual features ---------------------------------------------------------------------------------------
 
     def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector -> pool."""
-        first, activation, second = self.mm_projector
+        """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector."""
         # Per window onto the tower's device: a long video's pixels can stay in host memory. CLIP casts them to its
         # own dtype (fp32 pixels into a bf16 model).
         patch_weight = self.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight
-        features = self.vision_tower(pixel_values.to(placed_device(patch_weight, pixel_values.device)))
-        features = activation(first(features))
-        n, patches, dim = features.shape
-        side = int(patches**0.5)
-        grid = features.view(n, side, side, dim).permute(0, 3, 1, 2)
-        pooled = nn.functional.avg_pool2d(grid, self.config.spatial_pool_stride)
-        # An average commutes with an affine map, so the projector's second linear runs on the pooled rows only.
-        return second(pooled.flatten(2).transpose(1, 2))
+        return self.mm_projector(self.vision_tower(pixel_values.to(placed_device(patch_weight, pixel_values.device))))
 
     def window_features(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
         """LLM inputs `[batch, window_tokens, hidden]` for one window. Only this window's frames go through CLIP.
@@ -615,9 +627,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
         """
         per_frame = self.config.tokens_per_frame
         first, last = visual_offset // per_frame, -(-(visual_offset + step.end - step.start) // per_frame)
-        frames_per_sample = pixels.shape[0] // batch_size
-        frame_ids = torch.cat([torch.arange(first, last) + b * frames_per_sample for b in range(batch_size)])
-        features = self.encode_frames(pixels[frame_ids.to(pixels.device)])
+        # A view of the pixels for one sample (a copy would be kept for the patch embedding's backward, per window).
+        features = self.encode_frames(pixels.unflatten(0, (batch_size, -1))[:, first:last].flatten(0, 1))
         features = features.reshape(batch_size, (last - first) * per_frame, -1)
         skip = visual_offset - first * per_frame
         return features[:, skip : skip + step.end - step.start]
