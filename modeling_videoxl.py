@@ -695,7 +695,13 @@ class VideoXLModel(VideoXLPreTrainedModel):
         for layer_idx, layer in enumerate(self.layers):
             past_keys, past_values = cache.memory_pieces(layer_idx)
             hidden_states, kept_keys, kept_values = layer(
-                hidden_states, position_embeddings, key_valid, vst_rows, kept_position_embeddings, *past_keys, *past_values
+                hidden_states,
+                position_embeddings,
+                key_valid,
+                vst_rows,
+                kept_position_embeddings,
+                *past_keys,
+                *past_values,
             )
             kept.append((kept_keys, kept_values))
             if layer_states is not None:
