@@ -7,9 +7,10 @@ preset of benchmarks/prefill.py, selects the trainable parameters as scripts/fin
 step on the prompt `14 text tokens + frames x tokens_per_frame video tokens + 12 answer tokens` (the 12 labelled):
 forward in train mode at compression ratio `--ratio`, backward, `AdamW.step`, `zero_grad`.
 
-`base_mb`: memory before the step (weights, AdamW state, gradients' buffers after the warm-up, the inputs);
-`peak_mb`: peak during it (CPU: peak RSS, VmHWM reset through /proc/self/clear_refs; CUDA:
-`torch.cuda.max_memory_allocated`); `step_s`: wall seconds of the step.
+`base_mb`: memory before the step (weights, AdamW state; gradients are freed by `zero_grad`); `peak_mb`: peak during
+it, which includes the step's inputs (made inside it: fp32 pixels are 1.35 MB a frame at 336 px) and the gradients
+(CPU: peak RSS, VmHWM reset through /proc/self/clear_refs; CUDA: `torch.cuda.max_memory_allocated`); `step_s`: wall
+seconds of the step.
 
 On CPU every point runs with glibc's mmap threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`, `--cpu-allocator
 mmap`, the default): every tensor over it gets its own mapping, returned to the system when freed, so peak RSS tracks
