@@ -135,9 +135,10 @@ def markdown_table(records: list[dict]) -> str:
             continue
         reference = peaks.get((r["trainable"], r["checkpointing"], 128))
         growth = r["peak_mb"] / reference if reference else None
+        working = None if r.get("base_mb") is None else r["peak_mb"] - r["base_mb"]
         lines.append(f"| {r['trainable']} | {on} | {r['frames']} | {fmt(r['step_s'], '.1f')} "
                      f"| {fmt(r['base_mb'], '.0f')} | {fmt(r['peak_mb'], '.0f')} "
-                     f"| {fmt(r['peak_mb'] - r['base_mb'], '.0f')} | {fmt(growth, '.2f')} |")
+                     f"| {fmt(working, '.0f')} | {fmt(growth, '.2f')} |")
     return "\n".join(lines)
 
 
