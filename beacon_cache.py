@@ -12,6 +12,7 @@ of being answered from the wrong memory.
 import hashlib
 import json
 import struct
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,37 @@ FORMAT_VERSION = 1
 
 class BeaconLayer(DynamicLayer):
     """One layer's kept rows: keys/values `[batch, kv_heads, kept, head_dim]` and `valid` `[batch, kept]` (bool:
-    False marks a padding row that must never be attended to)."""
+    False marks a padding row that must never be attended to).
+
+    While the appended rows carry autograd history (training), the layer also remembers them step by step
+    ([`pieces`]): a checkpointed decoder layer then holds references to these pieces, which live anyway, instead of
+    the concatenated memory of its step, which would keep one copy of the memory per step alive (memory quadratic
+    in the number of windows).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.valid: torch.Tensor | None = None
+        # (a weak reference to the keys the pieces make up, the pieces); stale once `keys` is replaced otherwise.
+        self._pieces: tuple[weakref.ref, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        pieces = self.pieces()
         self.update(keys, values)
         self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
+        tracked = keys.requires_grad or values.requires_grad
+        self._pieces = (weakref.ref(self.keys), [*pieces, (keys, values)]) if tracked else None
+
+    def pieces(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The kept (keys, values) in pieces whose concatenation along the rows is (`keys`, `values`): the steps
+        appended with autograd history one by one (after the memory they continued, as one piece), else the whole
+        memory as one piece; none while the layer is empty."""
+        if self._pieces is not None and self._pieces[0]() is self.keys:
+            return self._pieces[1]
+        self._pieces = None
+        if not self.is_initialized or self.keys.shape[-2] == 0:
+            return []
+        return [(self.keys, self.values)]
 
     def truncate(self, rows: int) -> None:
         """Keep the first `rows` rows (views: no copy); also undoes an `append` that failed halfway."""
@@ -54,6 +77,7 @@ class BeaconLayer(DynamicLayer):
         self.is_initialized = False
         super().reset()
         self.valid = None
+        self._pieces = None
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -161,6 +185,13 @@ class BeaconCache(Cache):
         if not layer.is_initialized or layer.keys.shape[-2] == 0:
             return None, None
         return layer.keys, layer.values
+
+    def memory_pieces(self, layer_idx: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The kept keys and values of one layer as lists of pieces `[batch, kv_heads, rows_i, head_dim]` whose
+        concatenation is [`memory`]: one per step while training ([`BeaconLayer.pieces`]), else one; empty lists
+        while the layer is empty."""
+        pieces = self.layers[layer_idx].pieces()
+        return [keys for keys, _ in pieces], [values for _, values in pieces]
 
     def valid_length(self) -> torch.Tensor | None:
         """Number of valid kept rows per sample `[batch]`: the position the next token takes."""

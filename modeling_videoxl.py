@@ -404,13 +404,15 @@ class VideoXLAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
+        key_valid: torch.Tensor | None,
         past_keys: torch.Tensor | None,
         past_values: torch.Tensor | None,
         vst_rows: torch.Tensor | None,
         kept_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`hidden_states` `[batch, rows, hidden]` -> (output `[batch, rows, hidden]`, kept keys, kept values)."""
+        """`hidden_states` `[batch, rows, hidden]` -> (output `[batch, rows, hidden]`, kept keys, kept values).
+        `past_keys`/`past_values` `[batch, kv_heads, kept, head_dim]`: the memory (None while it is empty);
+        `key_valid` `[batch, kept + rows]`: see `VideoXLModel.step_key_validity`."""
         query = self.project("q", hidden_states, vst_rows)
         key = self.project("k", hidden_states, vst_rows)
         value = self.project("v", hidden_states, vst_rows)
@@ -418,7 +420,7 @@ class VideoXLAttention(nn.Module):
         cos, sin = position_embeddings
         query, rotated_key = rotate(query, cos, sin), rotate(key, cos, sin)
         dropout = self.attention_dropout if self.training else 0.0
-        if attention_mask is None and self.config._attn_implementation == "sdpa":  # see VideoXLModel.step_mask
+        if key_valid is None and self.config._attn_implementation == "sdpa":  # see VideoXLModel.step_key_validity
             memory = None if past_keys is None else (past_keys, past_values)
             output = memory_causal_attention(
                 query, memory, (rotated_key, value), self.num_key_value_groups, self.scaling, dropout
@@ -429,12 +431,13 @@ class VideoXLAttention(nn.Module):
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
+            mask = None if key_valid is None else step_attention_mask(key_valid, query.shape[2], query.dtype)
             output, _ = attention_interface(
                 self,
                 query,
                 keys,
                 values,
-                attention_mask,
+                mask,
                 dropout=dropout,
                 scaling=self.scaling,
             )
@@ -446,9 +449,36 @@ class VideoXLAttention(nn.Module):
         return output, rotate(key[:, :, vst_rows], kept_cos, kept_sin), value[:, :, vst_rows]
 
 
+def step_attention_mask(key_valid: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask `[batch, 1, rows, kept + rows]` from key validity `[batch, kept + rows]`: all valid memory, then
+    causal over the step's `rows`. Every row sees itself so that a padding row's softmax stays finite; no other row
+    attends to padding. Built inside the decoder layer, so that a checkpointed layer keeps the validity (a bit per
+    key) rather than this mask for every step."""
+    device, kept = key_valid.device, key_valid.shape[1] - rows
+    causal = torch.ones(rows, rows, dtype=torch.bool, device=device).tril()
+    pattern = torch.cat([torch.ones(rows, kept, dtype=torch.bool, device=device), causal], dim=1)
+    allowed = pattern[None] & key_valid[:, None, :]
+    allowed[:, torch.arange(rows), kept + torch.arange(rows)] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def join_pieces(pieces: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """Pieces of memory `[batch, kv_heads, rows_i, head_dim]` as one tensor along the rows (None for none)."""
+    if not pieces:
+        return None
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+
 class VideoXLDecoderLayer(GradientCheckpointingLayer):
     """A Qwen2 decoder layer with [`VideoXLAttention`]. Pure: it reads the memory and returns what to keep, so
-    activation checkpointing can replay it."""
+    activation checkpointing can replay it.
+
+    The memory comes last, in pieces (`*memory`: the key pieces, then as many value pieces, see
+    [`BeaconCache.memory_pieces`]), joined only inside the layer: a checkpointed layer then keeps references to the
+    pieces rather than a concatenation of the whole memory for every step. They are positional so that reentrant
+    checkpointing also passes their gradients.
+    """
 
     def __init__(self, config: VideoXLConfig, layer_idx: int):
         super().__init__()
@@ -462,24 +492,46 @@ class VideoXLDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        past_keys: torch.Tensor | None,
-        past_values: torch.Tensor | None,
+        key_valid: torch.Tensor | None,
         vst_rows: torch.Tensor | None,
         kept_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        *memory: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pieces = len(memory) // 2
         attn_output, kept_keys, kept_values = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings,
-            attention_mask,
-            past_keys,
-            past_values,
+            key_valid,
+            join_pieces(memory[:pieces]),
+            join_pieces(memory[pieces:]),
             vst_rows,
             kept_position_embeddings,
         )
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, kept_keys, kept_values
+
+
+class VideoXLProjector(GradientCheckpointingLayer, nn.Sequential):
+    """CLIP patch features -> LLM inputs: linear, activation, `pool_stride` x `pool_stride` average pool, linear
+    (children `0`, `1`, `2`, as the released `mm_projector`). A checkpointing layer: under activation checkpointing
+    a trained projector keeps its input, not its activations (several times a frame's features), for every window.
+    """
+
+    def __init__(self, vision_hidden: int, hidden: int, activation: str, pool_stride: int):
+        super().__init__(nn.Linear(vision_hidden, hidden), ACT2FN[activation], nn.Linear(hidden, hidden))
+        self.pool_stride = pool_stride
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`features` `[n, patches, vision_hidden]` (a square grid of patches) -> `[n, patches / stride^2, hidden]`."""
+        first, activation, second = self
+        hidden_states = activation(first(features))
+        n, patches, dim = hidden_states.shape
+        side = int(patches**0.5)
+        grid = hidden_states.view(n, side, side, dim).permute(0, 3, 1, 2)
+        pooled = nn.functional.avg_pool2d(grid, self.pool_stride)
+        # An average commutes with an affine map, so the second linear runs on the pooled rows only.
+        return second(pooled.flatten(2).transpose(1, 2))
 
 
 class VideoXLVisionTower(nn.Module):
@@ -543,10 +595,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
         self.norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=text)
         self.vision_tower = VideoXLVisionTower(config.vision_config, config.vision_feature_layer)
-        self.mm_projector = nn.Sequential(
-            nn.Linear(config.vision_config.hidden_size, text.hidden_size),
-            ACT2FN[config.projector_hidden_act],
-            nn.Linear(text.hidden_size, text.hidden_size),
+        self.mm_projector = VideoXLProjector(
+            config.vision_config.hidden_size, text.hidden_size, config.projector_hidden_act, config.spatial_pool_stride
         )
         self.ratio_schedule = RatioSchedule(config.ratio_seed)
         self._warned_positions = False
@@ -565,19 +615,11 @@ class VideoXLModel(VideoXLPreTrainedModel):
     # ---- visual features ---------------------------------------------------------------------------------------
 
     def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector -> pool."""
-        first, activation, second = self.mm_projector
+        """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector."""
         # Per window onto the tower's device: a long video's pixels can stay in host memory. CLIP casts them to its
         # own dtype (fp32 pixels into a bf16 model).
         patch_weight = self.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight
-        features = self.vision_tower(pixel_values.to(placed_device(patch_weight, pixel_values.device)))
-        features = activation(first(features))
-        n, patches, dim = features.shape
-        side = int(patches**0.5)
-        grid = features.view(n, side, side, dim).permute(0, 3, 1, 2)
-        pooled = nn.functional.avg_pool2d(grid, self.config.spatial_pool_stride)
-        # An average commutes with an affine map, so the projector's second linear runs on the pooled rows only.
-        return second(pooled.flatten(2).transpose(1, 2))
+        return self.mm_projector(self.vision_tower(pixel_values.to(placed_device(patch_weight, pixel_values.device))))
 
     def window_features(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
         """LLM inputs `[batch, window_tokens, hidden]` for one window. Only this window's frames go through CLIP.
@@ -587,9 +629,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
         """
         per_frame = self.config.tokens_per_frame
         first, last = visual_offset // per_frame, -(-(visual_offset + step.end - step.start) // per_frame)
-        frames_per_sample = pixels.shape[0] // batch_size
-        frame_ids = torch.cat([torch.arange(first, last) + b * frames_per_sample for b in range(batch_size)])
-        features = self.encode_frames(pixels[frame_ids.to(pixels.device)])
+        # A view of the pixels for one sample (a copy would be kept for the patch embedding's backward, per window).
+        features = self.encode_frames(pixels.unflatten(0, (batch_size, -1))[:, first:last].flatten(0, 1))
         features = features.reshape(batch_size, (last - first) * per_frame, -1)
         skip = visual_offset - first * per_frame
         return features[:, skip : skip + step.end - step.start]
@@ -610,31 +651,21 @@ class VideoXLModel(VideoXLPreTrainedModel):
         vst = self.beacon_embed_tokens(vst_index).to(groups.device, groups.dtype).expand(batch, step.num_vsts, 1, -1)
         return torch.cat([groups, vst], dim=2).reshape(batch, step.num_rows, -1)
 
-    def step_mask(
-        self, row_valid: torch.Tensor, key_mask: torch.Tensor | None, dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """Additive mask `[batch, 1, rows, kept + rows]`: all valid memory, then causal over the step.
+    def step_key_validity(self, row_valid: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Which keys of `[memory ; step]` a step's rows may see, `[batch, kept + rows]` bool (the layers turn it
+        into a mask, [`step_attention_mask`]).
 
-        Every row sees itself so that a padding row's softmax stays finite; no other row attends to padding.
-        Returns None where nothing is padded and the attention builds that pattern itself: a single row, flash-attn,
-        and sdpa (`memory_causal_attention`), so the mask, which grows with the memory, is never materialised.
+        None where nothing is padded and the attention builds the pattern itself: a single row, flash-attn, and sdpa
+        (`memory_causal_attention`), so no mask, which grows with the memory, is materialised.
         """
-        rows = row_valid.shape[1]
-        kept = 0 if key_mask is None else key_mask.shape[1]
         key_valid = row_valid if key_mask is None else torch.cat([key_mask.bool(), row_valid], dim=1)
-        if key_valid.all() and (rows == 1 or self.config._attn_implementation == "sdpa"):
+        if key_valid.all() and (row_valid.shape[1] == 1 or self.config._attn_implementation == "sdpa"):
             return None
         if self.config._attn_implementation == "flash_attention_2":
             if not key_valid.all():
                 raise ValueError("flash_attention_2 does not support padded batches here; use sdpa or eager.")
             return None  # flash-attn aligns its causal mask to the end of the keys: memory is fully visible
-        device = row_valid.device
-        causal = torch.ones(rows, rows, dtype=torch.bool, device=device).tril()
-        pattern = torch.cat([torch.ones(rows, kept, dtype=torch.bool, device=device), causal], dim=1)
-        allowed = pattern[None] & key_valid[:, None, :]
-        allowed[:, torch.arange(rows), kept + torch.arange(rows)] = True
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return key_valid
 
     def step_positions(self, step: Step, row_valid: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Compact positions `[batch, rows]`: each valid row counts the valid rows before it, memory included."""
@@ -648,7 +679,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         cache: BeaconCache,
         step: Step,
         positions: torch.Tensor,
-        mask: torch.Tensor | None,
+        key_valid: torch.Tensor | None,
         base: torch.Tensor,
         layer_states: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -664,15 +695,15 @@ class VideoXLModel(VideoXLPreTrainedModel):
             kept_position_embeddings = self.rotary_emb(hidden_states, kept_positions)
         kept = []
         for layer_idx, layer in enumerate(self.layers):
-            past_keys, past_values = cache.memory(layer_idx)
+            past_keys, past_values = cache.memory_pieces(layer_idx)
             hidden_states, kept_keys, kept_values = layer(
                 hidden_states,
                 position_embeddings,
-                mask,
-                past_keys,
-                past_values,
+                key_valid,
                 vst_rows,
                 kept_position_embeddings,
+                *past_keys,
+                *past_values,
             )
             kept.append((kept_keys, kept_values))
             if layer_states is not None:
@@ -758,10 +789,10 @@ class VideoXLModel(VideoXLPreTrainedModel):
             row_valid = self.row_validity(step, valid)
             base = cache.valid_length()
             base = torch.zeros(batch, dtype=torch.long, device=input_ids.device) if base is None else base
-            mask = self.step_mask(row_valid, cache.key_mask, hidden_states.dtype)
+            key_valid = self.step_key_validity(row_valid, cache.key_mask)
             positions = self.step_positions(step, row_valid, base)
             layer_states = [hidden_states] if output_hidden_states else None
-            hidden_states, kept = self.run_layers(hidden_states, cache, step, positions, mask, base, layer_states)
+            hidden_states, kept = self.run_layers(hidden_states, cache, step, positions, key_valid, base, layer_states)
             step_ids = input_ids[:, step.start : step.end]
             if step.is_window:
                 offset = visual_seen[step.token_id]

@@ -7,9 +7,16 @@ preset of benchmarks/prefill.py, selects the trainable parameters as scripts/fin
 step on the prompt `14 text tokens + frames x tokens_per_frame video tokens + 12 answer tokens` (the 12 labelled):
 forward in train mode at compression ratio `--ratio`, backward, `AdamW.step`, `zero_grad`.
 
-`base_mb`: memory before the step (weights, AdamW state, gradients' buffers after the warm-up, the inputs);
-`peak_mb`: peak during it (CPU: peak RSS, VmHWM reset through /proc/self/clear_refs; CUDA:
-`torch.cuda.max_memory_allocated`); `step_s`: wall seconds of the step.
+`base_mb`: memory before the step (weights, AdamW state; gradients are freed by `zero_grad`); `peak_mb`: peak during
+it, which includes the step's inputs (made inside it: fp32 pixels are 1.35 MB a frame at 336 px) and the gradients
+(CPU: peak RSS, VmHWM reset through /proc/self/clear_refs; CUDA: `torch.cuda.max_memory_allocated`); `step_s`: wall
+seconds of the step.
+
+On CPU every point runs with glibc's mmap threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`, `--cpu-allocator
+mmap`, the default): every tensor over it gets its own mapping, returned to the system when freed, so peak RSS tracks
+the live tensors as `max_memory_allocated` does on CUDA. With glibc's default dynamic threshold (`--cpu-allocator
+glibc`), tensors of a few MB come from the heap and peak RSS also counts its fragmentation, which grows with the
+number of windows.
 
     .venv/bin/python benchmarks/train_memory.py --size small --frames 32,128,512 \
         --json benchmarks/results/train_memory_small_cpu.json
@@ -31,6 +38,7 @@ from types import SimpleNamespace
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANSWER_TOKENS = 12
 WARMUP_FRAMES = 2
+MMAP_THRESHOLD = 128 * 1024  # bytes; see --cpu-allocator
 
 
 def run_point(spec: dict) -> dict:
@@ -88,8 +96,11 @@ def run_point(spec: dict) -> dict:
 def measure(spec: dict, timeout: float) -> dict:
     """Run one point in a fresh process; a crash or timeout becomes a skipped record."""
     command = [sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(spec)]
+    env = dict(os.environ)
+    if spec["device"] == "cpu" and spec["cpu_allocator"] == "mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {**spec, "skipped": f"timeout after {timeout:.0f} s"}
     lines = done.stdout.strip().splitlines()
@@ -124,9 +135,10 @@ def markdown_table(records: list[dict]) -> str:
             continue
         reference = peaks.get((r["trainable"], r["checkpointing"], 128))
         growth = r["peak_mb"] / reference if reference else None
+        working = None if r.get("base_mb") is None else r["peak_mb"] - r["base_mb"]
         lines.append(f"| {r['trainable']} | {on} | {r['frames']} | {fmt(r['step_s'], '.1f')} "
                      f"| {fmt(r['base_mb'], '.0f')} | {fmt(r['peak_mb'], '.0f')} "
-                     f"| {fmt(r['peak_mb'] - r['base_mb'], '.0f')} | {fmt(growth, '.2f')} |")
+                     f"| {fmt(working, '.0f')} | {fmt(growth, '.2f')} |")
     return "\n".join(lines)
 
 
@@ -141,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--cpu-allocator", choices=("mmap", "glibc"), default="mmap",
+                        help="mmap: glibc's mmap threshold fixed at 128 KiB, so peak RSS tracks live tensors; glibc: "
+                             "its default dynamic threshold (peak RSS then includes heap fragmentation)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per point before it is skipped")
     parser.add_argument("--skip", default="", help="points not to run, e.g. 'all/off/512,llm/off/512'")
@@ -153,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
 
     skip = {tuple(item.split("/")) for item in args.skip.split(",") if item}
     earlier = json.loads(Path(args.json).read_text())["records"] if args.json and Path(args.json).exists() else []
-    done = {(r["trainable"], r["checkpointing"], r["frames"]): r for r in earlier if not r.get("skipped")}
+    done = {(r["trainable"], r["checkpointing"], r["frames"]): r for r in earlier
+            if not r.get("skipped") and r.get("cpu_allocator", "glibc") == args.cpu_allocator}
     records = []
     for trainable in args.trainable.split(","):
         for checkpointing in {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]:
             for frames in (int(f) for f in args.frames.split(",")):
                 spec = dict(size=args.size, frames=frames, trainable=trainable, checkpointing=checkpointing,
                             ratio=args.ratio, device=args.device, dtype=args.dtype, attn=args.attn,
-                            threads=args.threads, mem_limit_gb=args.mem_limit_gb)
+                            threads=args.threads, mem_limit_gb=args.mem_limit_gb, cpu_allocator=args.cpu_allocator)
                 if (trainable, checkpointing, frames) in done:
                     records.append(done[(trainable, checkpointing, frames)])
                     continue

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoProcessor, TrainingArguments
 
 from demo.build_tiny_tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
@@ -19,7 +21,7 @@ from demo.synth import make_sample, write_video
 from scripts import finetune
 from scripts.collator import IGNORE_INDEX, VideoXLCollator, read_jsonl
 from scripts.local_import import REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, modeling, processing
-from tests.conftest import TOKENS_PER_FRAME, random_frames, tiny_model, video_prompt
+from tests.conftest import TOKENS_PER_FRAME, VIDEO_ID, random_frames, tiny_model, video_prompt
 
 
 CODE_FILES = {"configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py"}
@@ -165,29 +167,84 @@ def test_accumulated_single_samples_give_the_gradients_of_one_batch():
         torch.testing.assert_close(accumulated[name], batch[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients():
-    model = tiny_model().train()
-    ids, labels = video_prompt(10), answer_labels(video_prompt(10), 3)  # three windows: gradients cross the memory
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(attn, reentrant):
+    """Three windows, so gradients cross the memory the layers receive in pieces; a left-padded sample, so the
+    masks built inside the layers are exercised (sdpa too); both checkpointing modes of torch."""
+    model = tiny_model(attn_implementation=attn).train()
+    ids = torch.cat([torch.tensor([[0, 0] + [4, 10, 11, 12] + [VIDEO_ID] * 10 * TOKENS_PER_FRAME + [13, 14, 15]]),
+                     video_prompt(10, prefix=(4, 20, 21, 22, 23, 24), suffix=(30, 31, 32))])
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    labels = answer_labels(ids, 3)
     attention_calls = []  # the recompute stops once the last saved tensor is back: count a module that completes
     model.model.layers[0].self_attn.register_forward_hook(lambda *args: attention_calls.append(1))
 
     def loss_and_grads():
         model.zero_grad()
-        pixels = random_frames(10).requires_grad_(True)
-        loss = model(ids, pixel_values_videos=pixels, labels=labels, compression_ratio=4).loss
+        pixels = torch.cat([random_frames(10, seed=1), random_frames(10, seed=2)]).requires_grad_(True)
+        loss = model(ids, attention_mask=mask, pixel_values_videos=pixels, labels=labels, compression_ratio=4).loss
         loss.backward()
         return loss.detach(), grads_of(model), pixels.grad
 
     plain = loss_and_grads()
     calls_plain = len(attention_calls)
-    model.activation_checkpointing_enable()
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
     checkpointed = loss_and_grads()
 
+    assert calls_plain == 5  # prefix, three windows, question
     assert len(attention_calls) - calls_plain == 2 * calls_plain  # every step's layer ran again in the backward
     torch.testing.assert_close(checkpointed[0], plain[0], atol=0, rtol=0)
+    assert plain[1].keys() == checkpointed[1].keys()
     for name in plain[1]:
         torch.testing.assert_close(checkpointed[1][name], plain[1][name], atol=1e-7, rtol=1e-5, msg=name)
     torch.testing.assert_close(checkpointed[2], plain[2], atol=1e-7, rtol=1e-5)
+
+
+class LiveTensors(TorchDispatchMode):
+    """Weak references to every tensor the operations under it create."""
+
+    def __init__(self):
+        super().__init__()
+        self.created = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.created += [weakref.ref(t) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+    def live_bytes(self) -> int:
+        """Bytes of the storages of the created tensors still alive (views counted once)."""
+        alive = [tensor for tensor in (ref() for ref in self.created) if tensor is not None]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
+
+
+def test_checkpointed_training_keeps_memory_linear_in_the_windows():
+    """What a checkpointed forward leaves for the backward (layer inputs, the kept keys and values) grows by the same
+    amount for every window: the layers hold the memory in pieces and build their masks themselves, where a
+    concatenated memory or a `[rows, memory]` mask per window would grow with the square of the windows. Eager
+    attention with a padded sample: the path that builds masks; a frozen vision tower, whose activations are not
+    kept."""
+    model = finetune.select_trainable(tiny_model(), SimpleNamespace(train="llm")).train()
+    model.activation_checkpointing_enable()
+
+    def kept_for_backward(windows: int) -> int:
+        ids = torch.cat([torch.tensor([[0, 4]]), video_prompt(4 * windows, prefix=(10, 11))], dim=1)
+        mask = torch.ones_like(ids)
+        mask[0, 0] = 0
+        tracker = LiveTensors()
+        with tracker:
+            loss = model(ids, attention_mask=mask, pixel_values_videos=random_frames(4 * windows),
+                         labels=answer_labels(ids, 3), compression_ratio=4).loss
+        kept = tracker.live_bytes()
+        del loss
+        return kept
+
+    kept_for_backward(1)  # what the first call creates for good (the frame digests' weights)
+    two, four, eight = (kept_for_backward(windows) for windows in (2, 4, 8))
+    per_window_early, per_window_late = (four - two) / 2, (eight - four) / 4
+    assert per_window_late <= 1.02 * per_window_early, (two, four, eight)
 
 
 def test_eval_mode_uses_the_default_ratio_deterministically(monkeypatch):
