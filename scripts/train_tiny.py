@@ -14,9 +14,9 @@ score: README, "The bundled tiny model".
 """
 
 import argparse
-import sys
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,9 +101,9 @@ def training_group(seed: int, progress: float, size: int) -> list[dict]:
     Answers are the option's text ("red"), as the questions ask (`demo.synth.ANSWER_INSTRUCTION`). For the first
     quarter of training (`progress` < 0.25) videos are one window long and questions are about one needle's
     attributes; then videos span 1 to 20 windows (w with probability proportional to 1/w) and the three kinds
-    (retrieval, ordering, counting) are equally likely. A retrieval needle first stays on screen for a whole window and shrinks to a
-    single frame at 60% of training: a long needle reaches every VST of its window, so the path from the memory to
-    the answer is learned before the needle has to be found in it.
+    (retrieval, ordering, counting) are equally likely. A retrieval needle first stays on screen for a whole window
+    and shrinks to a single frame at 60% of training: a long needle reaches every VST of its window, so the path from
+    the memory to the answer is learned before the needle has to be found in it.
     """
     rng = np.random.default_rng(seed)
     windows = np.arange(1, 2 if progress < 0.25 else MAX_WINDOWS + 1)
