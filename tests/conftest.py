@@ -87,6 +87,23 @@ def parity_path() -> Path:
     return PARITY_DIR
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The released 7B's tokenizer (the real Qwen2 vocabulary, from the repo root)."""
+    from transformers import Qwen2Tokenizer
+
+    return Qwen2Tokenizer.from_pretrained(REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    """The released 7B's processor with its chat template, built from the repo's code. Test files that need another
+    processor or tokenizer define their own fixture of the same name."""
+    from scripts.local_import import processing
+
+    return processing().VideoXLProcessor(tokenizer, chat_template=(REPO_ROOT / "chat_template.jinja").read_text())
+
+
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
     return parity_path()

@@ -21,18 +21,6 @@ ipv = image_processing()
 IM_START = 151644
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import Qwen2Tokenizer
-
-    return Qwen2Tokenizer.from_pretrained(REPO_ROOT)
-
-
-@pytest.fixture(scope="module")
-def processor(tokenizer):
-    return pv.VideoXLProcessor(tokenizer, chat_template=(REPO_ROOT / "chat_template.jinja").read_text())
-
-
 def jpeg_bytes(array: np.ndarray, orientation: int | None = None) -> bytes:
     buffer = io.BytesIO()
     exif = Image.Exif()

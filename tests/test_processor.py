@@ -49,16 +49,6 @@ SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return Qwen2Tokenizer.from_pretrained(ROOT)
-
-
-@pytest.fixture(scope="module")
-def processor(tokenizer):
-    return pv.VideoXLProcessor(tokenizer, chat_template=(ROOT / "chat_template.jinja").read_text())
-
-
-@pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     """Small real files: H.264 with B-frames in MP4, MPEG-4 in MP4, MKV (reports 0 frames and no
     stream duration), VP9 WebM, a variable-frame-rate MP4, MPEG-TS and raw H.264."""
