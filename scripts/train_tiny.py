@@ -1,14 +1,14 @@
 """Train the tiny demo Video-XL on synthetic needle videos, with the project's own Trainer path.
 
-    python -m scripts.train_tiny --output demo/model [--steps 4500] [--vision-steps 1500] [--seed 0]
+    python -m scripts.train_tiny --output demo/model [--steps 5000] [--vision-steps 2500] [--seed 0]
 
 The model (about 1.2 M parameters) has the real architecture at a small size: a 3-layer CLIP-style tower on 224 px
 frames with 28 px patches (8x8 patches -> 2x2 pool -> 16 tokens per frame), the 2-layer projector, a 4-layer
 Qwen2-style LLM with VST projections and tied word embeddings, windows of 10 frames (160 tokens), ratios drawn per
 window from {2, 4, 8, 16}, videos of 1 to 20 windows. Stage 1 (`pretrain_vision`) teaches the tower to see needles on
-single frames; stage 2 trains everything through the Trainer on four-option questions about needles (colour,
-shape, position of one object; the order of two; how many of one kind), whose answers only come out right if
-the compressed memory carries what was seen. Samples are generated on the fly from seeds; evaluation seeds are
+single frames; stage 2 keeps the tower frozen and trains the projector and LLM through the Trainer on four-option
+questions about needles (colour, shape, position of one object; the order of two; how many of one kind), whose
+answers only come out right if the compressed memory carries what was seen. Samples are generated on the fly from seeds; evaluation seeds are
 disjoint from them. How long the shipped weights took on the 2-core CPU this repo was built on, and what they
 score: README, "The bundled tiny model".
 """
@@ -39,6 +39,11 @@ MAX_WINDOWS = 20  # 200 frames: the longest video the needle goals ask about
 TINY_PINPOINTS = [[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 2) if a * b > 1]  # images of up to 2x2 tiles
 TRAIN_RATIOS = [2, 4, 8, 16]
 RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")
+# One question per video: a colour question names the shape and a shape question the colour, so a second question
+# about the same needle could copy its answer from the first one's text instead of reading the video. Colour is the
+# easiest to see and gets the smallest share.
+RETRIEVAL_WEIGHTS = (0.25, 0.375, 0.375)
+KINDS, KIND_WEIGHTS = ("retrieval", "ordering", "counting"), (0.4, 0.3, 0.3)
 TRAIN_SEED_OFFSET = 1_000_000  # videos from here up, vision-stage frames from half of it; evaluation stays below
 # Training renders the central square only: the processor's centre crop would discard the side strips anyway.
 TRAIN_HEIGHT = TRAIN_WIDTH = 240
@@ -96,38 +101,36 @@ def tiny_processor(tokenizer):
 
 def training_group(seed: int, progress: float, size: int) -> list[dict]:
     """Up to `size` LLaVA-style samples with one frame count (so they batch together; `size // windows` of them),
-    each a video and its questions: three attributes of one needle, or one ordering or counting question.
+    each a video and one question: an attribute of one needle (`RETRIEVAL_WEIGHTS`), an ordering or a counting one.
 
     Answers are the option's text ("red"), as the questions ask (`demo.synth.ANSWER_INSTRUCTION`). For the first
     quarter of training (`progress` < 0.25) videos are one window long and questions are about one needle's
-    attributes; then videos span 1 to 20 windows (w with probability proportional to 1/w) and the three kinds
-    (retrieval, ordering, counting) are equally likely. A retrieval needle first stays on screen for a whole window
-    and shrinks to a single frame at 60% of training: a long needle reaches every VST of its window, so the path from
-    the memory to the answer is learned before the needle has to be found in it.
+    attributes; then videos span 1 to 20 windows (w with probability proportional to 1/w) and each sample's kind is
+    drawn by `KIND_WEIGHTS`. A retrieval needle first stays on screen for a whole window and shrinks to a single
+    frame at 60% of training: a long needle reaches every VST of its window, so the path from the memory to the
+    answer is learned before the needle has to be found in it.
     """
     rng = np.random.default_rng(seed)
     windows = np.arange(1, 2 if progress < 0.25 else MAX_WINDOWS + 1)
     num_windows = int(rng.choice(windows, p=(1 / windows) / (1 / windows).sum()))
     num_frames = num_windows * WINDOW_FRAMES - int(rng.integers(0, 3))  # >= 8: room for 4 counted needles
-    kinds = ["retrieval"] if progress < 0.25 else ["retrieval", "ordering", "counting"]
+    weights = (1.0, 0.0, 0.0) if progress < 0.25 else KIND_WEIGHTS
     needle_len = max(1, round(WINDOW_FRAMES * (1 - progress / 0.6)))
     size = max(1, size // num_windows)  # about the same number of frames in every step
-    return [training_sample(seed * size + i, num_frames, str(rng.choice(kinds)), needle_len) for i in range(size)]
+    kinds = rng.choice(KINDS, size=size, p=weights)
+    return [training_sample(seed * size + i, num_frames, str(kind), needle_len) for i, kind in enumerate(kinds)]
 
 
 def training_sample(seed: int, num_frames: int, kind: str, needle_len: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     if kind == "retrieval":
-        attributes = rng.permutation(RETRIEVAL_ATTRIBUTES)
-        needle_len = min(needle_len, num_frames)
-        samples = [make_sample(seed, num_frames, "retrieval", attribute=a, digit_prob=0.0, needle_len=needle_len,
-                               height=TRAIN_HEIGHT, width=TRAIN_WIDTH) for a in attributes]
+        attribute = str(rng.choice(RETRIEVAL_ATTRIBUTES, p=RETRIEVAL_WEIGHTS))
+        sample = make_sample(seed, num_frames, "retrieval", attribute=attribute, digit_prob=0.0,
+                             needle_len=min(needle_len, num_frames), height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
     else:
-        samples = [make_sample(seed, num_frames, kind, digit_prob=0.0, height=TRAIN_HEIGHT, width=TRAIN_WIDTH)]
-    turns = []
-    for sample in samples:
-        turns += [{"from": "human", "value": sample.question}, {"from": "gpt", "value": sample.answer_text}]
-    return {"video": samples[0].frames, "conversations": turns}
+        sample = make_sample(seed, num_frames, kind, digit_prob=0.0, height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
+    turns = [{"from": "human", "value": sample.question}, {"from": "gpt", "value": sample.answer_text}]
+    return {"video": sample.frames, "conversations": turns}
 
 
 def answer_tokens(tokenizer, text: str) -> list[int]:
@@ -243,6 +246,14 @@ def pretrain_vision(model: VideoXLForCausalLM, processor, steps: int, seed: int,
                   f"quadrant {hits[2] * hits[3]:.2f}", flush=True)
 
 
+def freeze_tower(model: VideoXLForCausalLM) -> None:
+    """Keep the tower as stage 1 left it; the projector trains on. With the tower training too, the LLM pulled its
+    tokens towards the one attribute it read first and the others fell to chance (a probe of the tokens lost shape
+    and quadrant); with the projector frozen as well, the LLM could not adapt what it reads and learned one or two
+    attributes. Frozen, the tower also skips its backward pass."""
+    model.model.vision_tower.requires_grad_(False)
+
+
 class NeedleDataset(torch.utils.data.IterableDataset):
     """`length` groups of `group_size` synthetic samples, in order (the curriculum needs it): group i from seed
     `offset + i`."""
@@ -272,8 +283,8 @@ def link_code_files(output: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "demo" / "model")
-    parser.add_argument("--steps", type=int, default=4500)
-    parser.add_argument("--vision-steps", type=int, default=1500, help="stage 1: the vision probe steps (0: skip)")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--vision-steps", type=int, default=2500, help="stage 1: the vision probe steps (0: skip)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--group-size", type=int, default=8, help="samples per step (one frame count)")
     parser.add_argument("--seed", type=int, default=0)
@@ -301,6 +312,7 @@ def main() -> None:
     vision_steps = 0 if args.resume else args.vision_steps  # a resumed run's weights have been through stage 1
     if vision_steps:
         pretrain_vision(model, processor, vision_steps, args.seed)
+    freeze_tower(model)
 
     training_args = TrainingArguments(
         output_dir=str(args.work_dir / "trainer"),
