@@ -8,9 +8,9 @@ Qwen2-style LLM with VST projections and tied word embeddings, windows of 10 fra
 window from {2, 4, 8, 16}, videos of 1 to 20 windows. Stage 1 (`pretrain_vision`) teaches the tower to see needles on
 single frames; stage 2 keeps the tower frozen and trains the projector and LLM through the Trainer on four-option
 questions about needles (colour, shape, position of one object; the order of two; how many of one kind), whose
-answers only come out right if the compressed memory carries what was seen. Samples are generated on the fly from seeds; evaluation seeds are
-disjoint from them. How long the shipped weights took on the 2-core CPU this repo was built on, and what they
-score: README, "The bundled tiny model".
+answers only come out right if the compressed memory carries what was seen. Samples are generated on the fly from
+seeds; evaluation seeds are disjoint from them. How long the shipped weights took on the 2-core CPU this repo was
+built on, and what they score: README, "The bundled tiny model".
 """
 
 import argparse
@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.build_tiny_tokenizer import SPACE_MARK, build_tiny_tokenizer  # noqa: E402
-from demo.synth import COLOURS, POSITIONS, SHAPES, make_sample  # noqa: E402
+from demo.synth import COLOURS, KINDS, POSITIONS, SHAPES, make_sample  # noqa: E402
 from scripts.collator import VideoXLCollator  # noqa: E402
 from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, processing  # noqa: E402
 
@@ -43,7 +43,7 @@ RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")
 # about the same needle could copy its answer from the first one's text instead of reading the video. Colour is the
 # easiest to see and gets the smallest share.
 RETRIEVAL_WEIGHTS = (0.25, 0.375, 0.375)
-KINDS, KIND_WEIGHTS = ("retrieval", "ordering", "counting"), (0.4, 0.3, 0.3)
+KIND_WEIGHTS = (0.4, 0.3, 0.3)  # of demo.synth.KINDS: retrieval, ordering, counting
 TRAIN_SEED_OFFSET = 1_000_000  # videos from here up, vision-stage frames from half of it; evaluation stays below
 # Training renders the central square only: the processor's centre crop would discard the side strips anyway.
 TRAIN_HEIGHT = TRAIN_WIDTH = 240
