@@ -40,8 +40,8 @@ TINY_PINPOINTS = [[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 
 TRAIN_RATIOS = [2, 4, 8, 16]
 RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")
 # One question per video: a colour question names the shape and a shape question the colour, so a second question
-# about the same needle could copy its answer from the first one's text instead of reading the video. Colour is the
-# easiest to see and gets the smallest share.
+# about the same needle could copy its answer from the first one's text instead of reading the video. Colour, which
+# the recipe before this one already answered, gets the smallest share.
 RETRIEVAL_WEIGHTS = (0.25, 0.375, 0.375)
 KIND_WEIGHTS = (0.4, 0.3, 0.3)  # of demo.synth.KINDS: retrieval, ordering, counting
 TRAIN_SEED_OFFSET = 1_000_000  # videos from here up, vision-stage frames from half of it; evaluation stays below
@@ -247,10 +247,9 @@ def pretrain_vision(model: VideoXLForCausalLM, processor, steps: int, seed: int,
 
 
 def freeze_tower(model: VideoXLForCausalLM) -> None:
-    """Keep the tower as stage 1 left it; the projector trains on. With the tower training too, the LLM pulled its
-    tokens towards the one attribute it read first and the others fell to chance (a probe of the tokens lost shape
-    and quadrant); with the projector frozen as well, the LLM could not adapt what it reads and learned one or two
-    attributes. Frozen, the tower also skips its backward pass."""
+    """Keep the tower as stage 1 left it; the projector trains on. With the tower training too, stage 2 erased what
+    stage 1 taught (a probe of the tokens fell to chance on shape and quadrant) and learned more slowly; with the
+    projector frozen as well, the LLM learned more slowly too. Frozen, the tower also skips its backward pass."""
     model.model.vision_tower.requires_grad_(False)
 
 
