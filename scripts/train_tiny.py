@@ -1,6 +1,6 @@
 """Train the tiny demo Video-XL on synthetic needle videos, with the project's own Trainer path.
 
-    python -m scripts.train_tiny --output demo/model [--steps 5000] [--vision-steps 2500] [--seed 0]
+    python -m scripts.train_tiny --output demo/model [--steps 10000] [--vision-steps 2500] [--seed 0]
 
 The model (about 1.2 M parameters) has the real architecture at a small size: a 3-layer CLIP-style tower on 224 px
 frames with 28 px patches (8x8 patches -> 2x2 pool -> 16 tokens per frame), the 2-layer projector, a 4-layer
@@ -8,8 +8,9 @@ Qwen2-style LLM with VST projections and tied word embeddings, windows of 10 fra
 window from {2, 4, 8, 16}, videos of 1 to 20 windows. Stage 1 (`pretrain_vision`) teaches the tower to see needles on
 single frames; stage 2 keeps the tower frozen and trains the projector and LLM through the Trainer on four-option
 questions about needles (colour, shape, position of one object; the order of two; how many of one kind), whose
-answers only come out right if the compressed memory carries what was seen. Samples are generated on the fly from
-seeds; evaluation seeds are disjoint from them. How long the shipped weights took on the 2-core CPU this repo was
+answers only come out right if the compressed memory carries what was seen, plus a loss that makes the position
+answering a retrieval question score all of its needle's words (`needle_words_loss`). Samples are generated on the
+fly from seeds; evaluation seeds are disjoint from them. How long the shipped weights took on the 2-core CPU this repo was
 built on, and what they score: README, "The bundled tiny model".
 """
 
@@ -30,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.build_tiny_tokenizer import SPACE_MARK, build_tiny_tokenizer  # noqa: E402
-from demo.synth import COLOURS, KINDS, POSITIONS, SHAPES, make_sample  # noqa: E402
+from demo.synth import COLOURS, KINDS, POSITIONS, SHAPES, Needle, make_sample  # noqa: E402
 from scripts.collator import VideoXLCollator  # noqa: E402
 from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, processing  # noqa: E402
 
@@ -38,12 +39,9 @@ FRAME_SIZE, PATCH, TOKENS_PER_FRAME, WINDOW_FRAMES = 224, 28, 16, 10
 MAX_WINDOWS = 20  # 200 frames: the longest video the needle goals ask about
 TINY_PINPOINTS = [[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 2) if a * b > 1]  # images of up to 2x2 tiles
 TRAIN_RATIOS = [2, 4, 8, 16]
-RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")
-# One question per video: a colour question names the shape and a shape question the colour, so a second question
-# about the same needle could copy its answer from the first one's text instead of reading the video. Colour, which
-# the recipe before this one already answered, gets the smallest share.
-RETRIEVAL_WEIGHTS = (0.25, 0.375, 0.375)
-KIND_WEIGHTS = (0.4, 0.3, 0.3)  # of demo.synth.KINDS: retrieval, ordering, counting
+RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")  # one question per video: see `training_sample`
+KIND_WEIGHTS = (0.6, 0.2, 0.2)  # of demo.synth.KINDS: retrieval, ordering, counting
+NEEDLE_WORDS_WEIGHT = 1.0  # of `needle_words_loss` against the answer's own loss
 TRAIN_SEED_OFFSET = 1_000_000  # videos from here up, vision-stage frames from half of it; evaluation stays below
 # Training renders the central square only: the processor's centre crop would discard the side strips anyway.
 TRAIN_HEIGHT = TRAIN_WIDTH = 240
@@ -101,7 +99,7 @@ def tiny_processor(tokenizer):
 
 def training_group(seed: int, progress: float, size: int) -> list[dict]:
     """Up to `size` LLaVA-style samples with one frame count (so they batch together; `size // windows` of them),
-    each a video and one question: an attribute of one needle (`RETRIEVAL_WEIGHTS`), an ordering or a counting one.
+    each a video and one question: an attribute of one needle, an ordering or a counting one.
 
     Answers are the option's text ("red"), as the questions ask (`demo.synth.ANSWER_INSTRUCTION`). For the first
     quarter of training (`progress` < 0.25) videos are one window long and questions are about one needle's
@@ -122,20 +120,41 @@ def training_group(seed: int, progress: float, size: int) -> list[dict]:
 
 
 def training_sample(seed: int, num_frames: int, kind: str, needle_len: int = 1) -> dict:
+    """One video and one question about it. Only one: a colour question names the shape and a shape question the
+    colour, so a second question about the same needle could copy its answer from the first one's text instead of
+    reading the video. `needle` holds a retrieval needle's colour, shape and position (None for other kinds), for
+    `needle_words_loss`."""
     rng = np.random.default_rng(seed)
     if kind == "retrieval":
-        attribute = str(rng.choice(RETRIEVAL_ATTRIBUTES, p=RETRIEVAL_WEIGHTS))
+        attribute = str(rng.choice(RETRIEVAL_ATTRIBUTES))
         sample = make_sample(seed, num_frames, "retrieval", attribute=attribute, digit_prob=0.0,
                              needle_len=min(needle_len, num_frames), height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
     else:
         sample = make_sample(seed, num_frames, kind, digit_prob=0.0, height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
     turns = [{"from": "human", "value": sample.question}, {"from": "gpt", "value": sample.answer_text}]
-    return {"video": sample.frames, "conversations": turns}
+    needle = sample.needles[0] if kind == "retrieval" else None
+    return {"video": sample.frames, "conversations": turns, "needle": needle}
 
 
 def answer_tokens(tokenizer, text: str) -> list[int]:
     """Token ids of `text` as an answer starts with it (right after the assistant header)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def needle_word_groups(tokenizer) -> tuple[dict[str, list[int]], list[list[int]]]:
+    """(each colour, shape and position's answer tokens; the groups a needle is told apart in: the first tokens of
+    the colours, of the shapes and of the positions (top/bottom), and the positions' second tokens (left/right))."""
+    words = {value: answer_tokens(tokenizer, value) for value in (*COLOURS, *SHAPES, *POSITIONS)}
+    groups = [sorted({words[value][0] for value in COLOURS}), sorted({words[value][0] for value in SHAPES}),
+              sorted({words[value][0] for value in POSITIONS}), sorted({words[value][1] for value in POSITIONS})]
+    return words, groups
+
+
+def needle_classes(needle: Needle, words: dict[str, list[int]], groups: list[list[int]]) -> list[int]:
+    """The needle's colour, shape, top/bottom and left/right as indices into `groups`."""
+    first, second = words[needle.position]
+    tokens = [words[needle.colour][0], words[needle.shape][0], first, second]
+    return [group.index(token) for group, token in zip(groups, tokens)]
 
 
 def share_spaced_word_embeddings(model: VideoXLForCausalLM, tokenizer) -> None:
@@ -188,9 +207,7 @@ class NeedleFrames(torch.utils.data.IterableDataset):
                         centre, touched = needle_tokens(needle.box)
                         quiet[len(crops) - 1, touched] = False
                         centres.append((len(crops) - 1) * tokens + centre)
-                        first, second = self.words[needle.position]
-                        tokens_of = [self.words[needle.colour][0], self.words[needle.shape][0], first, second]
-                        classes.append([group.index(t) for group, t in zip(self.groups, tokens_of)])
+                        classes.append(needle_classes(needle, self.words, self.groups))
             yield (self.image_processor.frames_to_pixels(crops), torch.tensor(classes), torch.tensor(centres), quiet)
 
 
@@ -212,10 +229,7 @@ def pretrain_vision(model: VideoXLForCausalLM, processor, steps: int, seed: int,
     must score every word below 0. Real Video-XL starts from a pretrained CLIP; this is the tiny model's stand-in,
     and it puts the needle's words into the token where it is, so the LLM stage learns to find and copy them rather
     than to see."""
-    tokenizer = processor.tokenizer
-    words = {value: answer_tokens(tokenizer, value) for value in (*COLOURS, *SHAPES, *POSITIONS)}
-    groups = [sorted({words[value][0] for value in COLOURS}), sorted({words[value][0] for value in SHAPES}),
-              sorted({words[value][0] for value in POSITIONS}), sorted({words[value][1] for value in POSITIONS})]
+    words, groups = needle_word_groups(processor.tokenizer)
     vocabulary = [token for group in groups for token in group]
     spans = np.cumsum([0] + [len(group) for group in groups])
     encoder = model.model
@@ -253,6 +267,58 @@ def freeze_tower(model: VideoXLForCausalLM) -> None:
     model.model.vision_tower.requires_grad_(False)
 
 
+def needle_words_loss(logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
+                      groups: list[list[int]]) -> torch.Tensor:
+    """Cross-entropy, within each group of `groups`, of the logits that predict a retrieval answer's first token
+    against the needle's own word: its colour, its shape, top/bottom and left/right, all four whichever the question
+    asks. The answer's loss alone teaches the model to carry the asked attribute from the memory to the answer;
+    with it alone, runs learned one attribute well and the others near chance, a different one in each run.
+
+    `logits` `[batch, columns, vocab]` at the labelled columns (as the model computes them in training), `labels`
+    `[batch, seq]`, `classes` `[batch, 4]` indices into `groups` (-100 for a sample without a retrieval needle).
+    """
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100) != -100
+    columns = shifted.any(dim=0).nonzero().squeeze(1)
+    rows = (classes[:, 0] >= 0).nonzero().squeeze(1)
+    if len(rows) == 0:
+        return logits.sum() * 0.0
+    first_answer_column = torch.searchsorted(columns, shifted[rows].int().argmax(dim=1))
+    answer_logits = logits[rows, first_answer_column]  # [retrieval rows, vocab]
+    losses = [torch.nn.functional.cross_entropy(answer_logits[:, group], classes[rows, g])
+              for g, group in enumerate(groups)]
+    return torch.stack(losses).mean()
+
+
+class NeedleTrainer(Trainer):
+    """The Trainer with `needle_words_loss` added to the model's loss."""
+
+    def __init__(self, *args, groups: list[list[int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups = groups
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        classes = inputs.pop("needle_classes")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = loss + NEEDLE_WORDS_WEIGHT * needle_words_loss(outputs.logits, inputs["labels"], classes, self.groups)
+        return (loss, outputs) if return_outputs else loss
+
+
+class NeedleBatches:
+    """The project's collator, plus each sample's `needle_classes` (`[batch, 4]`, -100 without a retrieval needle)."""
+
+    def __init__(self, collator: VideoXLCollator, words: dict[str, list[int]], groups: list[list[int]]):
+        self.collator, self.words, self.groups = collator, words, groups
+
+    def __call__(self, items: list[list[dict]]) -> dict:
+        (samples,) = items  # each dataset item is a whole batch (per-device batch size 1)
+        batch = self.collator(samples)
+        batch["needle_classes"] = torch.tensor([
+            needle_classes(sample["needle"], self.words, self.groups) if sample["needle"] else [-100] * 4
+            for sample in samples
+        ])
+        return batch
+
+
 class NeedleDataset(torch.utils.data.IterableDataset):
     """`length` groups of `group_size` synthetic samples, in order (the curriculum needs it): group i from seed
     `offset + i`."""
@@ -282,7 +348,7 @@ def link_code_files(output: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "demo" / "model")
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--vision-steps", type=int, default=2500, help="stage 1: the vision probe steps (0: skip)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--group-size", type=int, default=8, help="samples per step (one frame count)")
@@ -334,8 +400,9 @@ def main() -> None:
     collator = VideoXLCollator(processor, fps=1.0, video_fps=1.0)  # every generated frame, in order
     dataset = NeedleDataset(args.steps, TRAIN_SEED_OFFSET + args.seed * args.steps, args.group_size,
                             args.start_progress)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
-                      data_collator=lambda groups: collator(groups[0]))
+    words, groups = needle_word_groups(tokenizer)
+    trainer = NeedleTrainer(model=model, args=training_args, train_dataset=dataset,
+                            data_collator=NeedleBatches(collator, words, groups), groups=groups)
     trainer.train(resume_from_checkpoint=args.resume)
     minutes = (time.time() - start) / 60
     print(f"trained {vision_steps} vision steps and {args.steps} steps in {minutes:.1f} min")
