@@ -10,8 +10,8 @@ single frames; stage 2 keeps the tower frozen and trains the projector and LLM t
 questions about needles (colour, shape, position of one object; the order of two; how many of one kind), whose
 answers only come out right if the compressed memory carries what was seen, plus a loss that makes the position
 answering a retrieval question score all of its needle's words (`needle_words_loss`). Samples are generated on the
-fly from seeds; evaluation seeds are disjoint from them. How long the shipped weights took on the 2-core CPU this repo was
-built on, and what they score: README, "The bundled tiny model".
+fly from seeds; evaluation seeds are disjoint from them. How long the shipped weights took on the 2-core CPU this
+repo was built on, and what they score: README, "The bundled tiny model".
 """
 
 import argparse
@@ -41,7 +41,6 @@ TINY_PINPOINTS = [[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 
 TRAIN_RATIOS = [2, 4, 8, 16]
 RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")  # one question per video: see `training_sample`
 KIND_WEIGHTS = (0.6, 0.2, 0.2)  # of demo.synth.KINDS: retrieval, ordering, counting
-NEEDLE_WORDS_WEIGHT = 1.0  # of `needle_words_loss` against the answer's own loss
 TRAIN_SEED_OFFSET = 1_000_000  # videos from here up, vision-stage frames from half of it; evaluation stays below
 # Training renders the central square only: the processor's centre crop would discard the side strips anyway.
 TRAIN_HEIGHT = TRAIN_WIDTH = 240
@@ -271,8 +270,8 @@ def needle_words_loss(logits: torch.Tensor, labels: torch.Tensor, classes: torch
                       groups: list[list[int]]) -> torch.Tensor:
     """Cross-entropy, within each group of `groups`, of the logits that predict a retrieval answer's first token
     against the needle's own word: its colour, its shape, top/bottom and left/right, all four whichever the question
-    asks. The answer's loss alone teaches the model to carry the asked attribute from the memory to the answer;
-    with it alone, runs learned one attribute well and the others near chance, a different one in each run.
+    asks. With the answer's loss alone, runs learned to carry one attribute from the memory to the answer well and
+    the rest weakly, a different one in each run.
 
     `logits` `[batch, columns, vocab]` at the labelled columns (as the model computes them in training), `labels`
     `[batch, seq]`, `classes` `[batch, 4]` indices into `groups` (-100 for a sample without a retrieval needle).
@@ -290,7 +289,7 @@ def needle_words_loss(logits: torch.Tensor, labels: torch.Tensor, classes: torch
 
 
 class NeedleTrainer(Trainer):
-    """The Trainer with `needle_words_loss` added to the model's loss."""
+    """The Trainer with `needle_words_loss` added to the model's loss (weight 1)."""
 
     def __init__(self, *args, groups: list[list[int]], **kwargs):
         super().__init__(*args, **kwargs)
@@ -299,7 +298,7 @@ class NeedleTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         classes = inputs.pop("needle_classes")
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        loss = loss + NEEDLE_WORDS_WEIGHT * needle_words_loss(outputs.logits, inputs["labels"], classes, self.groups)
+        loss = loss + needle_words_loss(outputs.logits, inputs["labels"], classes, self.groups)
         return (loss, outputs) if return_outputs else loss
 
 
