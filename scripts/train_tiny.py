@@ -9,9 +9,9 @@ window from {2, 4, 8, 16}, videos of 1 to 20 windows. Stage 1 (`pretrain_vision`
 single frames; stage 2 keeps the tower frozen and trains the projector and LLM through the Trainer on four-option
 questions about needles (colour, shape, position of one object; the order of two; how many of one kind), whose
 answers only come out right if the compressed memory carries what was seen, plus a loss that makes the position
-answering a retrieval question score all of its needle's words (`needle_words_loss`). Samples are generated on the
-fly from seeds; evaluation seeds are disjoint from them. How long the shipped weights took on the 2-core CPU this
-repo was built on, and what they score: README, "The bundled tiny model".
+answering a retrieval or ordering question score all of its needle's words (`needle_words_loss`). Samples are
+generated on the fly from seeds; evaluation seeds are disjoint from them. How long the shipped weights took on the
+2-core CPU this repo was built on, and what they score: README, "The bundled tiny model".
 """
 
 import argparse
@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.build_tiny_tokenizer import SPACE_MARK, build_tiny_tokenizer  # noqa: E402
-from demo.synth import COLOURS, KINDS, POSITIONS, SHAPES, Needle, make_sample  # noqa: E402
+from demo.synth import COLOURS, KINDS, POSITIONS, SHAPES, Needle, Sample, make_sample  # noqa: E402
 from scripts.collator import VideoXLCollator  # noqa: E402
 from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, processing  # noqa: E402
 
@@ -40,7 +40,7 @@ MAX_WINDOWS = 20  # 200 frames: the longest video the needle goals ask about
 TINY_PINPOINTS = [[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 2) if a * b > 1]  # images of up to 2x2 tiles
 TRAIN_RATIOS = [2, 4, 8, 16]
 RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")  # one question per video: see `training_sample`
-KIND_WEIGHTS = (0.6, 0.2, 0.2)  # of demo.synth.KINDS: retrieval, ordering, counting
+KIND_WEIGHTS = (0.5, 0.25, 0.25)  # of demo.synth.KINDS: retrieval, ordering, counting
 TRAIN_SEED_OFFSET = 1_000_000  # videos from here up, vision-stage frames from half of it; evaluation stays below
 # Training renders the central square only: the processor's centre crop would discard the side strips anyway.
 TRAIN_HEIGHT = TRAIN_WIDTH = 240
@@ -101,28 +101,26 @@ def training_group(seed: int, progress: float, size: int) -> list[dict]:
     each a video and one question: an attribute of one needle, an ordering or a counting one.
 
     Answers are the option's text ("red"), as the questions ask (`demo.synth.ANSWER_INSTRUCTION`). For the first
-    quarter of training (`progress` < 0.25) videos are one window long and questions are about one needle's
-    attributes; then videos span 1 to 20 windows (w with probability proportional to 1/w) and each sample's kind is
-    drawn by `KIND_WEIGHTS`. A retrieval needle first stays on screen for a whole window and shrinks to a single
-    frame at 60% of training: a long needle reaches every VST of its window, so the path from the memory to the
-    answer is learned before the needle has to be found in it.
+    quarter of training (`progress` < 0.25) videos are one window long, then they span 1 to 20 windows (w with
+    probability proportional to 1/w); each sample's kind is drawn by `KIND_WEIGHTS` throughout. A retrieval needle
+    first stays on screen for a whole window and shrinks to a single frame at 60% of training: a long needle reaches
+    every VST of its window, so the path from the memory to the answer is learned before the needle has to be found
+    in it.
     """
     rng = np.random.default_rng(seed)
     windows = np.arange(1, 2 if progress < 0.25 else MAX_WINDOWS + 1)
     num_windows = int(rng.choice(windows, p=(1 / windows) / (1 / windows).sum()))
     num_frames = num_windows * WINDOW_FRAMES - int(rng.integers(0, 3))  # >= 8: room for 4 counted needles
-    weights = (1.0, 0.0, 0.0) if progress < 0.25 else KIND_WEIGHTS
     needle_len = max(1, round(WINDOW_FRAMES * (1 - progress / 0.6)))
     size = max(1, size // num_windows)  # about the same number of frames in every step
-    kinds = rng.choice(KINDS, size=size, p=weights)
+    kinds = rng.choice(KINDS, size=size, p=KIND_WEIGHTS)
     return [training_sample(seed * size + i, num_frames, str(kind), needle_len) for i, kind in enumerate(kinds)]
 
 
 def training_sample(seed: int, num_frames: int, kind: str, needle_len: int = 1) -> dict:
     """One video and one question about it. Only one: a colour question names the shape and a shape question the
     colour, so a second question about the same needle could copy its answer from the first one's text instead of
-    reading the video. `needle` holds a retrieval needle's colour, shape and position (None for other kinds), for
-    `needle_words_loss`."""
+    reading the video. `needle` is the needle the answer names (`answered_needle`), for `needle_words_loss`."""
     rng = np.random.default_rng(seed)
     if kind == "retrieval":
         attribute = str(rng.choice(RETRIEVAL_ATTRIBUTES))
@@ -131,8 +129,17 @@ def training_sample(seed: int, num_frames: int, kind: str, needle_len: int = 1) 
     else:
         sample = make_sample(seed, num_frames, kind, digit_prob=0.0, height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
     turns = [{"from": "human", "value": sample.question}, {"from": "gpt", "value": sample.answer_text}]
-    needle = sample.needles[0] if kind == "retrieval" else None
-    return {"video": sample.frames, "conversations": turns, "needle": needle}
+    return {"video": sample.frames, "conversations": turns, "needle": answered_needle(sample)}
+
+
+def answered_needle(sample: Sample) -> Needle | None:
+    """The needle a sample's answer names: the retrieval needle, or the ordering object that came first or last
+    (None for counting, whose answer is a number)."""
+    if sample.kind == "retrieval":
+        return sample.needles[0]
+    if sample.kind == "ordering":
+        return next(needle for needle in sample.needles if needle.describe() == sample.answer_text)
+    return None
 
 
 def answer_tokens(tokenizer, text: str) -> list[int]:
@@ -268,13 +275,14 @@ def freeze_tower(model: VideoXLForCausalLM) -> None:
 
 def needle_words_loss(logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
                       groups: list[list[int]]) -> torch.Tensor:
-    """Cross-entropy, within each group of `groups`, of the logits that predict a retrieval answer's first token
-    against the needle's own word: its colour, its shape, top/bottom and left/right, all four whichever the question
-    asks. With the answer's loss alone, runs learned to carry one attribute from the memory to the answer well and
-    the rest weakly, a different one in each run.
+    """Cross-entropy, within each group of `groups`, of the logits that predict the first token of an answer that
+    names a needle (retrieval, ordering: `answered_needle`) against that needle's own word: its colour, its shape,
+    top/bottom and left/right, all four whichever the question asks. With the answer's loss alone, runs learned to
+    carry one attribute from the memory to the answer well and the rest weakly, a different one in each run, and
+    ordering stayed at chance; README, "The bundled tiny model", has what this loss changed.
 
     `logits` `[batch, columns, vocab]` at the labelled columns (as the model computes them in training), `labels`
-    `[batch, seq]`, `classes` `[batch, 4]` indices into `groups` (-100 for a sample without a retrieval needle).
+    `[batch, seq]`, `classes` `[batch, 4]` indices into `groups` (-100 for a sample whose answer names no needle).
     """
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100) != -100
     columns = shifted.any(dim=0).nonzero().squeeze(1)
@@ -282,7 +290,7 @@ def needle_words_loss(logits: torch.Tensor, labels: torch.Tensor, classes: torch
     if len(rows) == 0:
         return logits.sum() * 0.0
     first_answer_column = torch.searchsorted(columns, shifted[rows].int().argmax(dim=1))
-    answer_logits = logits[rows, first_answer_column]  # [retrieval rows, vocab]
+    answer_logits = logits[rows, first_answer_column]  # [rows naming a needle, vocab]
     losses = [torch.nn.functional.cross_entropy(answer_logits[:, group], classes[rows, g])
               for g, group in enumerate(groups)]
     return torch.stack(losses).mean()
@@ -303,7 +311,8 @@ class NeedleTrainer(Trainer):
 
 
 class NeedleBatches:
-    """The project's collator, plus each sample's `needle_classes` (`[batch, 4]`, -100 without a retrieval needle)."""
+    """The project's collator, plus each sample's `needle_classes` (`[batch, 4]`, -100 where the answer names no
+    needle)."""
 
     def __init__(self, collator: VideoXLCollator, words: dict[str, list[int]], groups: list[list[int]]):
         self.collator, self.words, self.groups = collator, words, groups
