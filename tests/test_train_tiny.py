@@ -4,7 +4,7 @@ needles the answer names or the VSTs show."""
 import torch
 
 from demo.build_tiny_tokenizer import build_tiny_tokenizer
-from demo.synth import make_sample
+from demo.synth import COUNTS, make_sample
 from scripts import train_tiny
 from scripts.collator import VideoXLCollator
 
@@ -68,13 +68,14 @@ def tiny_setup(tmp_path):
     model = train_tiny.VideoXLForCausalLM(config)
     words, groups = train_tiny.needle_word_groups(tokenizer)
     batches = train_tiny.NeedleBatches(VideoXLCollator(processor, fps=1.0, video_fps=1.0), words, groups)
-    return model, batches, groups
+    count_tokens = [train_tiny.answer_tokens(tokenizer, count)[0] for count in COUNTS]
+    return model, batches, groups, count_tokens
 
 
 def test_each_vst_is_marked_with_the_needle_its_own_tokens_show(tmp_path):
     """Over windows of different ratios, the VSTs marked for a needle are those that close one of the tokens the
     needle touches, on its own frames: one VST per needle frame at r = 16, one per touched group of r tokens below."""
-    model, batches, groups = tiny_setup(tmp_path)
+    model, batches, groups, _ = tiny_setup(tmp_path)
     samples = [train_tiny.training_sample(40 + i, 28, kind) for i, kind in enumerate(["counting", "ordering"])]
     batch = batches([samples])
     shown, counts = batch["needle_token_classes"], batch["needle_token_counts"]  # [2, 28 frames * 16(, 4)]
@@ -106,8 +107,7 @@ def test_each_vst_is_marked_with_the_needle_its_own_tokens_show(tmp_path):
 def test_the_trainer_adds_the_vst_losses_over_the_vsts_the_last_layer_reads(tmp_path):
     """The trainer's loss is the model's loss plus `needle_words_loss`, `vst_words_loss` and `running_count_loss`,
     the VST ones taken on the VST rows of the last layer's input with the ratios the forward drew."""
-    model, batches, groups = tiny_setup(tmp_path)
-    count_tokens = [groups[0][0] + i for i in range(4)]  # any four words: the sum is what is checked here
+    model, batches, groups, count_tokens = tiny_setup(tmp_path)
     samples = [train_tiny.training_sample(60 + i, 18, kind) for i, kind in enumerate(["counting", "retrieval"])]
     batch = batches([samples])
     args = train_tiny.TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[], use_cpu=True)
@@ -134,8 +134,7 @@ def test_the_trainer_adds_the_vst_losses_over_the_vsts_the_last_layer_reads(tmp_
 def test_the_vst_losses_rank_states_that_name_their_own_needle_and_count_first(tmp_path):
     """States built from the right words score lower than the same states shifted by one VST; VSTs that show no
     needle are not scored."""
-    model, batches, groups = tiny_setup(tmp_path)
-    count_tokens = [groups[0][0] + i for i in range(4)]
+    model, batches, groups, count_tokens = tiny_setup(tmp_path)
     samples = [train_tiny.training_sample(60 + i, 18, kind) for i, kind in enumerate(["counting", "ordering"])]
     batch = batches([samples])
     ratios = [16, 4]
@@ -155,10 +154,9 @@ def test_the_vst_losses_rank_states_that_name_their_own_needle_and_count_first(t
         shifted = train_tiny.vst_words_loss(naming.roll(1, dims=1), embeddings, per_vst, groups)
         counted = train_tiny.running_count_loss(counting, embeddings, counts, count_tokens)
         miscounted = train_tiny.running_count_loss(counting.roll(1, dims=1), embeddings, counts, count_tokens)
-        noise = torch.randn_like(naming)
-        quiet = torch.where((per_vst[..., :1] >= 0), naming, noise)
+        elsewhere_noise = torch.where(per_vst[..., :1] >= 0, naming, torch.randn_like(naming))
     assert right < shifted
     assert counted < miscounted
-    torch.testing.assert_close(train_tiny.vst_words_loss(quiet, embeddings, per_vst, groups), right)
+    torch.testing.assert_close(train_tiny.vst_words_loss(elsewhere_noise, embeddings, per_vst, groups), right)
     silent = torch.full_like(counts, -100)
     assert train_tiny.running_count_loss(counting, embeddings, silent, count_tokens).item() == 0.0
