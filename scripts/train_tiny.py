@@ -265,10 +265,8 @@ def pretrain_vision(model: VideoXLForCausalLM, processor, steps: int, seed: int,
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     frames = NeedleFrames(processor, groups, words, steps, pairs, TRAIN_SEED_OFFSET // 2 + seed * 10**6)
     loader = torch.utils.data.DataLoader(frames, batch_size=None, num_workers=1)
-    normalize = torch.nn.functional.normalize
     for step, (pixels, classes, centres, quiet) in enumerate(loader):
-        tokens = normalize(encoder.encode_frames(pixels), dim=-1)  # [frames, tokens, hidden]
-        scores = 10.0 * tokens @ normalize(embeddings[vocabulary], dim=-1).T  # [frames, tokens, words]
+        scores = cosine_scores(encoder.encode_frames(pixels), embeddings[vocabulary])  # [frames, tokens, words]
         silent = scores[quiet]
         loss = torch.nn.functional.binary_cross_entropy_with_logits(silent, torch.zeros_like(silent))
         centre_scores = scores.flatten(0, 1)[centres]
@@ -367,8 +365,8 @@ def running_count_loss(states: torch.Tensor, embeddings: torch.Tensor, counts: t
 
 
 def cosine_scores(states: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """`[n, words]`: 10 x the cosine of each state `[n, hidden]` with each word embedding `[words, hidden]`, the
-    scale `pretrain_vision` trains the tower's tokens at."""
+    """`[..., words]`: 10 x the cosine of each state `[..., hidden]` with each word embedding `[words, hidden]`; at
+    this scale the scores of tensors this small can reach a confident softmax."""
     normalize = torch.nn.functional.normalize
     return 10.0 * normalize(states, dim=-1) @ normalize(words, dim=-1).T
 
