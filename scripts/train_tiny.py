@@ -11,9 +11,9 @@ questions about needles (colour, shape, position of one object; the order of two
 answers only come out right if the compressed memory carries what was seen, plus a loss that makes the position
 answering a retrieval or ordering question score all of its needle's words (`needle_words_loss`), and two that make
 each VST, as the last layer reads it, name the needle its own tokens show (`vst_words_loss`) and how many needles
-have appeared so far (`running_count_loss`).
-Samples are generated on the fly from seeds; evaluation seeds are disjoint from them. How long the shipped weights
-took on the 2-core CPU this repo was built on, and what they score: README, "The bundled tiny model".
+have appeared so far (`running_count_loss`). Samples are generated on the fly from seeds; evaluation seeds are
+disjoint from them. How long the shipped weights took on the 2-core CPU this repo was built on, and what they
+score: README, "The bundled tiny model".
 """
 
 import argparse
