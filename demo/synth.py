@@ -63,6 +63,9 @@ ORDERING_PROMPT = "Which of these objects appeared {which} in the video?"
 ORDERING_WHICH: tuple[str, ...] = ("first", "last")
 COUNTING_PROMPT = "How many times did a {colour} {shape} appear in the video?"
 COUNTS: tuple[str, ...] = ("1", "2", "3", "4")
+#: Frames without them between two needle runs of a counting or ordering question: runs that touch play as one
+#: appearance, and "how many times" would have two answers.
+APPEARANCE_GAP = 1
 
 #: Haystack chroma (max - min over RGB) stays below this; needle colours are far above it.
 MAX_HAYSTACK_CHROMA = 80
@@ -475,31 +478,66 @@ def place_runs(
     num_frames: int,
     needle_len: int,
     fixed: Sequence[int] = (),
+    gap: int = 0,
 ) -> list[int]:
-    """Start frames of ``count`` non-overlapping runs of ``needle_len`` frames.
+    """Start frames of ``count`` non-overlapping runs of ``needle_len`` frames, at least ``gap`` frames apart.
 
-    The first runs start at the ``fixed`` frames; the rest go to random free starts. Raises
-    ``ValueError`` when the runs overlap or cannot all fit.
+    The first runs start at the ``fixed`` frames; the rest go to random free starts. ``gap=1`` keeps every two runs
+    apart by a frame without them: runs of one object that touch would play as one appearance. Raises
+    ``ValueError`` when the runs overlap, come closer than ``gap`` or cannot all fit.
     """
-    if count * needle_len > num_frames:
-        raise ValueError(f"{count} runs of {needle_len} frames do not fit in {num_frames} frames")
+    if count * needle_len + (count - 1) * gap > num_frames:
+        raise ValueError(f"{count} runs of {needle_len} frames, {gap} apart, do not fit in {num_frames} frames")
+    # taken[i]: frame i may not hold a new run (it is in a placed run or closer than ``gap`` to one)
     taken = np.zeros(num_frames, bool)
+
+    def take(s: int) -> None:
+        taken[max(0, s - gap) : s + needle_len + gap] = True
+
     starts: list[int] = []
     for s in fixed[:count]:
         if taken[s : s + needle_len].any():
-            raise ValueError(f"needle runs starting at {list(fixed)} overlap")
-        taken[s : s + needle_len] = True
+            raise ValueError(f"needle runs starting at {list(fixed)} overlap or are closer than {gap} frames")
+        take(s)
         starts.append(s)
     while len(starts) < count:
         free = [
             s for s in range(num_frames - needle_len + 1) if not taken[s : s + needle_len].any()
         ]
-        if not free:
-            raise ValueError("no room left for another needle run")
-        s = int(rng.choice(free))
-        taken[s : s + needle_len] = True
+        while True:  # a random free start, unless it leaves too little room for the runs still to place
+            if not free:
+                raise ValueError("no room left for another needle run")
+            s = int(rng.choice(free))
+            before = taken.copy()
+            take(s)
+            if _room_for_runs(taken, needle_len, gap) >= count - len(starts) - 1:
+                break
+            taken[:] = before
+            free.remove(s)
         starts.append(s)
     return starts
+
+
+def _room_for_runs(taken: np.ndarray, needle_len: int, gap: int) -> int:
+    """How many more runs fit where no run may start on a ``taken`` frame (leftmost-first packing is optimal)."""
+    fitted, s = 0, 0
+    while s + needle_len <= len(taken):
+        if taken[s : s + needle_len].any():
+            s += 1
+        else:
+            fitted, s = fitted + 1, s + needle_len + gap
+    return fitted
+
+
+def appearances(needles: Sequence[Needle], shown: Sequence[int]) -> dict[str, int]:
+    """How many separate times each object plays in the frames a model is ``shown`` (video frame indices, in play
+    order, as a sampler returns them): a run of consecutive shown frames with the object counts once."""
+    counts: dict[str, int] = {}
+    for name in dict.fromkeys(n.describe() for n in needles):
+        on = {f for n in needles if n.describe() == name for f in n.frames}
+        visible = [int(f) in on for f in shown]
+        counts[name] = sum(v and (i == 0 or not visible[i - 1]) for i, v in enumerate(visible))
+    return counts
 
 
 def depths_to_starts(depths: Sequence[float], num_frames: int, needle_len: int) -> list[int]:
@@ -715,7 +753,7 @@ def _build_ordering(
 ) -> _Built:
     """Two different objects at different frames; options are both plus two unseen objects."""
     objects = _distinct_objects(rng, 4)
-    starts = place_runs(rng, 2, num_frames, needle_len, fixed)
+    starts = place_runs(rng, 2, num_frames, needle_len, fixed, gap=APPEARANCE_GAP)
     needles = _make_needles(rng, objects[:2], starts, needle_len, digit_prob, height, width)
     which = _pick(rng, ORDERING_WHICH)
     ordered = sorted(needles, key=lambda n: n.frames[0])
@@ -735,7 +773,7 @@ def _build_counting(
     if not 1 <= k <= 4:
         raise ValueError(f"count must be in 1..4, got {k}")
     (obj,) = _distinct_objects(rng, 1)
-    starts = place_runs(rng, k, num_frames, needle_len, fixed)
+    starts = place_runs(rng, k, num_frames, needle_len, fixed, gap=APPEARANCE_GAP)
     needles = _make_needles(rng, [obj] * k, starts, needle_len, digit_prob, height, width)
     prompt = COUNTING_PROMPT.format(colour=obj[0], shape=obj[1])
     wrong = [c for c in COUNTS if c != str(k)]

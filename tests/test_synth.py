@@ -132,6 +132,44 @@ def test_counting_answer_is_the_number_of_needles():
     assert seen == {1, 2, 3, 4}
 
 
+def test_appearances_count_runs_in_the_frames_shown():
+    red = synth.Needle("red", "circle", None, "top left", (10,), (0, 0, 8))
+    red_again = synth.Needle("red", "circle", None, "top left", (11,), (0, 0, 8))
+    red_later = synth.Needle("red", "circle", None, "top left", (12,), (0, 0, 8))
+    assert synth.appearances([red, red_again], range(20)) == {"red circle": 1}  # touching runs play as one
+    assert synth.appearances([red, red_later], range(20)) == {"red circle": 2}
+    assert synth.appearances([red, red_later], [0, 10, 12]) == {"red circle": 1}  # the frame between is not shown
+    assert synth.appearances([red], [0, 5, 15]) == {"red circle": 0}
+
+
+def test_place_runs_keeps_the_gap_and_refuses_what_breaks_it():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        starts = sorted(synth.place_runs(rng, 4, 7, 1, gap=1))
+        assert starts == [0, 2, 4, 6]  # the only way 4 runs fit 7 frames a frame apart
+    with pytest.raises(ValueError, match="do not fit"):
+        synth.place_runs(rng, 4, 6, 1, gap=1)
+    with pytest.raises(ValueError, match="closer than 1"):
+        synth.place_runs(rng, 2, 20, 1, fixed=[5, 6], gap=1)
+    assert sorted(synth.place_runs(rng, 2, 20, 1, fixed=[5, 6])) == [5, 6]  # no gap asked: touching is allowed
+
+
+@pytest.mark.parametrize("frames", [20, 40, 100])
+def test_counting_and_ordering_have_one_answer_in_the_frames_the_model_sees(frames):
+    """Every counted copy is its own appearance, and each ordered object one, in the frames the demo and the needle
+    suite sample (`num_frames` = all of them) and training samples (`fps=1` of a 1 fps video): the same frames."""
+    from scripts.local_import import video_decoding
+
+    decoding = video_decoding()
+    shown = [decoding.uniform_indices(frames, frames), decoding.fps_indices(np.arange(frames, dtype=float), 1.0)]
+    for seed in range(400 if frames == 20 else 100):
+        counting = make_sample(seed, frames, "counting", **SMALL)
+        ordering = make_sample(seed, frames, "ordering", distractors=1, **SMALL)
+        for indices in shown:
+            assert synth.appearances(counting.needles, indices) == {counting.needles[0].describe(): len(counting.needles)}
+            assert set(synth.appearances(ordering.needles, indices).values()) == {1}
+
+
 def test_distractors_never_share_colour_or_shape_with_the_question():
     for seed in range(30):
         s = make_sample(seed, 10, KINDS[seed % 3], distractors=2, **SMALL)
@@ -142,7 +180,7 @@ def test_distractors_never_share_colour_or_shape_with_the_question():
 
 
 def test_answer_letters_are_balanced():
-    counts = Counter(make_sample(seed, 4, KINDS[seed % 3], **SMALL).answer for seed in range(400))
+    counts = Counter(make_sample(seed, 7, KINDS[seed % 3], **SMALL).answer for seed in range(400))
     assert set(counts) == set(LETTERS)
     assert all(70 <= n <= 130 for n in counts.values()), counts  # 100 expected each
 
@@ -188,7 +226,7 @@ def test_tokenizer_special_tokens_are_single_ids(tokenizer):
 def test_tokenizer_covers_200_seeds_and_round_trips(tokenizer):
     unk = tokenizer.convert_tokens_to_ids(UNK)
     for seed in range(200):
-        s = make_sample(seed, 4, KINDS[seed % 3], **SMALL)
+        s = make_sample(seed, 7, KINDS[seed % 3], **SMALL)
         messages = synth.to_conversation(s, "v.mp4", with_answer=True)
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         assert text.startswith(

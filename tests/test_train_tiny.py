@@ -4,7 +4,7 @@ needles the answer names or the VSTs show."""
 import torch
 
 from demo.build_tiny_tokenizer import build_tiny_tokenizer
-from demo.synth import COUNTS, make_sample
+from demo.synth import COUNTS, appearances, make_sample
 from scripts import train_tiny
 from scripts.collator import VideoXLCollator
 
@@ -43,6 +43,24 @@ def test_needle_words_loss_scores_the_logits_that_predict_each_answer_naming_a_n
 
     no_needle = torch.full_like(classes, -100)
     assert train_tiny.needle_words_loss(trained, batch["labels"], no_needle, groups).item() == 0.0
+
+
+def test_training_counts_and_orders_appearances_a_viewer_would_count():
+    """The training data follows the one-answer rule too: in every frame the collator feeds (all of them, fps=1),
+    a counted object appears as many separate times as its answer says, an ordered object once; also in the
+    shortest videos (8 frames, where four counted copies only just fit)."""
+    seen = set()
+    for seed in range(40):
+        for sample in train_tiny.training_group(seed, progress=0.1, size=8):
+            shown = range(len(sample["video"]))
+            kind_answer = sample["conversations"][1]["value"]
+            times = appearances(sample["shown"], shown)
+            if kind_answer in COUNTS:
+                assert times == {sample["shown"][0].describe(): int(kind_answer)}
+                seen.add((len(sample["video"]), int(kind_answer)))
+            else:
+                assert set(times.values()) == {1}
+    assert (8, 4) in seen
 
 
 def test_an_ordering_answer_names_the_object_that_came_first_or_last():
