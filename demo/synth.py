@@ -744,7 +744,8 @@ class Question:
 
 @dataclass
 class Tour:
-    """One video and a question of every kind about it (``make_tour``); ``frames`` uint8 ``[F, H, W, 3]``."""
+    """One video and a question of every kind about it (``make_tour``); ``frames`` uint8 ``[F, H, W, 3]``;
+    ``needles`` A's appearances in time order, then B."""
 
     frames: np.ndarray
     questions: list[Question]
