@@ -132,7 +132,8 @@ def training_sample(seed: int, num_frames: int, kind: str, needle_len: int = 1) 
     if kind == "retrieval":
         attribute = str(rng.choice(RETRIEVAL_ATTRIBUTES))
         needle_len = min(needle_len, num_frames)
-        distractors = int(rng.random() < DISTRACTOR_SHARE and 2 * needle_len <= num_frames)
+        # 3 runs' length and a frame more: another run of the same length fits beside the needle wherever it is
+        distractors = int(rng.random() < DISTRACTOR_SHARE and 3 * needle_len < num_frames)
         sample = make_sample(seed, num_frames, "retrieval", attribute=attribute, digit_prob=0.0, needle_len=needle_len,
                              distractors=distractors, height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
     else:
