@@ -11,8 +11,11 @@
   frame is handed to a `convert` callback (resize + crop) as soon as it is decoded, so only the
   crops are ever held.
 * Honesty: a file that holds fewer frames than its container declares, timestamps past its
-  declared duration, frames that do not decode, a request whose frames would not fit in memory,
-  an unreachable URL: each is one ValueError naming the input. The display matrix (phone videos)
+  declared duration, frames that do not decode, timestamps that restart or a frame size that
+  changes (recordings joined end to end), a request whose frames would not fit in memory, an
+  unreachable URL: each is one ValueError naming the input.
+* URLs: fetched under a `UrlPolicy` (remote switch, deadline for the whole fetch, size cap,
+  http(s) only, redirects only to http(s)); the session module's live reader uses the same. The display matrix (phone videos)
   is applied, as ffmpeg's autorotate does.
 * Metadata: transformers' `VideoMetadata`, with the true presentation time of every sampled frame
   (`timestamps`, right for variable-frame-rate files too).
@@ -496,10 +499,14 @@ def _scan_stream(container: "av.container.InputContainer", name: str) -> _Stream
     exact and cheap, and gives real times for variable-frame-rate files.
     """
     stream = container.streams.video[0]
-    pts, keys, missing = [], [], False
+    pts, keys, missing, last_dts = [], [], False, None
     for packet in container.demux(stream):
         if packet.size == 0:  # the demuxer's final flush packet
             continue
+        if packet.dts is not None:
+            if last_dts is not None and packet.dts < last_dts:
+                raise _timestamps_restart(name, len(pts), last_dts, packet.dts, stream.time_base)
+            last_dts = packet.dts
         stamp = packet.pts if packet.pts is not None else packet.dts
         missing |= stamp is None
         pts.append(stamp)
@@ -519,6 +526,39 @@ def _scan_stream(container: "av.container.InputContainer", name: str) -> _Stream
         width=stream.codec_context.width,
         height=stream.codec_context.height,
     )
+
+
+def _timestamps_restart(name: str, frame: int, before: int, after: int, time_base: Fraction | None) -> ValueError:
+    """Decode timestamps go back only where recordings were joined end to end (`cat a.ts b.ts`): frame times,
+    seeking and the sampled frames would mix the parts up."""
+    def seconds(stamp: int) -> str:
+        return f"{float(stamp * time_base):.2f} s" if time_base else f"{stamp}"
+
+    return ValueError(f"{name}: the video's timestamps restart at frame {frame} (from {seconds(before)} back to "
+                      f"{seconds(after)}): it holds several recordings joined end to end (as `cat a.ts b.ts` makes), "
+                      "whose frames cannot be placed in time; split it where the timestamps restart, or re-encode it "
+                      "into one stream")
+
+
+class _FrameSize:
+    """Every decoded frame must have the size the stream declares: a change means parts of different recordings
+    joined end to end, and one size in the metadata would be false for some frames."""
+
+    def __init__(self, index: _StreamIndex) -> None:
+        self.size = (index.width, index.height) if index.width and index.height else None
+        self.first_pts = int(index.pts[0]) if index.pts is not None else None
+
+    def check(self, frame: Any) -> None:
+        size = (frame.width, frame.height)
+        if self.size is None:
+            self.size = size
+        elif size != self.size:
+            at = ""
+            if frame.pts is not None and frame.time_base and self.first_pts is not None:
+                at = f" (seen at {float((frame.pts - self.first_pts) * frame.time_base):.2f} s)"
+            raise ValueError(f"the frame size changes inside the video, from {self.size[0]}x{self.size[1]} to "
+                             f"{size[0]}x{size[1]}{at}: it holds parts of different recordings joined end to end; "
+                             "split it where the size changes, or re-encode it to one size")
 
 
 def _check_complete(index: _StreamIndex, name: str, allow_partial: bool) -> None:
@@ -557,8 +597,10 @@ def _report(problems: list[str], name: str, allow_partial: bool) -> None:
 class _ForwardDecoder:
     """Decodes forward from the current position, remembering the last frame (targets may share it)."""
 
-    def __init__(self, container: "av.container.InputContainer", stream: "av.video.stream.VideoStream") -> None:
+    def __init__(self, container: "av.container.InputContainer", stream: "av.video.stream.VideoStream",
+                 size: _FrameSize) -> None:
         self._frames = container.decode(stream)
+        self._size = size
         self.frame = None
 
     def advance_to(self, target_pts: int) -> Any:
@@ -568,6 +610,7 @@ class _ForwardDecoder:
                 self.frame = next(self._frames)
             except StopIteration:
                 return self.frame
+            self._size.check(self.frame)
         return self.frame
 
 
@@ -575,7 +618,8 @@ class _SeekFailed(Exception):
     """The demuxer cannot land at or before a frame: decode sequentially instead."""
 
 
-def _seek(container, stream, keyframe_pts: np.ndarray, key_slot: int, target: int) -> _ForwardDecoder:
+def _seek(container, stream, keyframe_pts: np.ndarray, key_slot: int, target: int, size: _FrameSize
+          ) -> _ForwardDecoder:
     """Seek to keyframe `key_slot` and return a decoder positioned at or before `target`.
 
     Some demuxers (MPEG-TS) land after the requested keyframe: then earlier keyframes are tried,
@@ -586,7 +630,7 @@ def _seek(container, stream, keyframe_pts: np.ndarray, key_slot: int, target: in
             container.seek(0)  # the start of the file (AV_TIME_BASE units)
         else:
             container.seek(int(keyframe_pts[slot]), stream=stream, backward=True, any_frame=False)
-        decoder = _ForwardDecoder(container, stream)
+        decoder = _ForwardDecoder(container, stream, size)
         first = decoder.advance_to(-(2**62))  # the first frame after the seek
         if first is not None and first.pts is not None and first.pts <= target:
             return decoder
@@ -604,12 +648,12 @@ def _decode_by_seeking(
     decode (another frame stands in) are appended to `missed`.
     """
     stream = container.streams.video[0]
-    decoder, position = None, None
+    decoder, position, size = None, None, _FrameSize(index)
     for i in wanted:
         target = int(index.pts[i])
         key_slot = max(0, int(np.searchsorted(index.keyframe_pts, target, side="right")) - 1)
         if decoder is None or position is None or index.keyframe_pts[key_slot] > position:
-            decoder = _seek(container, stream, index.keyframe_pts, key_slot, target)
+            decoder = _seek(container, stream, index.keyframe_pts, key_slot, target, size)
         frame = decoder.advance_to(target)
         if frame is None or frame.pts is None:
             raise _SeekFailed(f"no frame decoded up to pts {target}")
@@ -620,12 +664,13 @@ def _decode_by_seeking(
 
 
 def _decode_sequentially(
-    container: "av.container.InputContainer", wanted: np.ndarray, missed: list[int]
+    container: "av.container.InputContainer", index: _StreamIndex, wanted: np.ndarray, missed: list[int]
 ) -> Iterator[tuple[int, Any]]:
     """Yield (frame index, frame) for sorted unique `wanted` by counting decoded frames (no timestamps)."""
     stream = container.streams.video[0]
-    wanted_list, position, last = [int(i) for i in wanted], 0, None
+    wanted_list, position, last, size = [int(i) for i in wanted], 0, None, _FrameSize(index)
     for count, frame in enumerate(container.decode(stream)):
+        size.check(frame)
         last = frame
         while position < len(wanted_list) and wanted_list[position] == count:
             yield wanted_list[position], frame
@@ -672,7 +717,7 @@ def _decode_wanted(
     with video.open() as container:
         container.streams.video[0].codec_context.thread_type = "AUTO"  # frame threads: ~cores x faster
         frames = (_decode_by_seeking(container, index, wanted, missed) if seek
-                  else _decode_sequentially(container, wanted, missed))
+                  else _decode_sequentially(container, index, wanted, missed))
         try:
             for i, frame in frames:
                 rotation = display_rotation(frame)
