@@ -788,6 +788,52 @@ def read_video_frames(
     return [converted[int(i)] for i in indices], metadata
 
 
+@dataclass
+class VideoProbe:
+    """What a cheap look at a video file says: its first frame's size and the duration its header declares."""
+
+    width: int
+    height: int
+    declared_frames: int | None
+    declared_seconds: float | None
+
+
+def probe_video(source: str | os.PathLike, url_policy: UrlPolicy | None = None) -> VideoProbe:
+    """Open a video (path, `file://` or http(s) URL under `url_policy`) and decode its first frame only: what a
+    check of a whole dataset can afford per file. One ValueError (FileNotFoundError for a missing path) naming the
+    file when it cannot be read as a video."""
+    _require_av()
+    name, policy = os.fspath(source), url_policy or UrlPolicy()
+    check_media_string(name, policy, "video")
+    if is_remote_url(name):
+        target: Any = UrlStream(name, policy)  # only the bytes up to the first frame are fetched
+    else:
+        target = local_path(name)
+        if not os.path.isfile(target):
+            raise FileNotFoundError(f"video file not found: {name}")
+    try:
+        with av.open(target, mode="r", metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise ValueError(f"{name}: the file has no video stream")
+            stream = container.streams.video[0]
+            first = next(iter(container.decode(stream)), None)
+            if first is None:
+                raise ValueError(f"{name}: no frame of the video decodes")
+            rate = stream.average_rate or stream.guessed_rate
+            if stream.frames and rate:
+                seconds = stream.frames / float(rate)
+            elif stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / 1e6 if container.duration else None
+            return VideoProbe(first.width, first.height, int(stream.frames) or None, seconds)
+    except (av.error.FFmpegError, IndexError) as err:
+        raise ValueError(f"{name}: cannot be read as a video (PyAV: {err})") from err
+    finally:
+        if isinstance(target, UrlStream):
+            target.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Videos already in memory
 # ----------------------------------------------------------------------------------------------
@@ -837,4 +883,4 @@ def sample_frames_in_memory(
 
 
 __all__ = ["VideoSampling", "VideoXLVideoMetadata", "read_video_frames", "sample_frames_in_memory", "UrlPolicy",
-           "UrlStream", "fetch_url", "check_media_string", "in_memory_frames"]
+           "UrlStream", "fetch_url", "check_media_string", "probe_video", "VideoProbe", "in_memory_frames"]
