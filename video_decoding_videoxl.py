@@ -13,10 +13,10 @@
 * Honesty: a file that holds fewer frames than its container declares, timestamps past its
   declared duration, frames that do not decode, timestamps that restart or a frame size that
   changes (recordings joined end to end), a request whose frames would not fit in memory, an
-  unreachable URL: each is one ValueError naming the input.
-* URLs: fetched under a `UrlPolicy` (remote switch, deadline for the whole fetch, size cap,
-  http(s) only, redirects only to http(s)); the session module's live reader uses the same. The display matrix (phone videos)
+  unreachable URL: each is one ValueError naming the input. The display matrix (phone videos)
   is applied, as ffmpeg's autorotate does.
+* URLs: fetched under a `UrlPolicy` (remote switch, deadline for the whole fetch, size cap,
+  http(s) only, redirects only to http(s)); the session module's live reader uses the same.
 * Metadata: transformers' `VideoMetadata`, with the true presentation time of every sampled frame
   (`timestamps`, right for variable-frame-rate files too).
 """

@@ -14,8 +14,12 @@ The command line is `HfArgumentParser` over the project's options (`ProjectArgum
 processor comes from the same place unless `--processor` names another. Each line of `--data` is
 `{"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", "value": "..."}]}`
 (`image` for images, neither for text-only, `role`/`content` instead of `from`/`value`). The whole file is checked
-before training (scripts/collator.py `check_dataset`); only assistant answers are labelled, as the chat template's
-`{% generation %}` blocks mark them.
+before training, every media file opened (scripts/collator.py `checked_samples`); only assistant answers are
+labelled, as the chat template's `{% generation %}` blocks mark them.
+
+Faults stop the run with one error (`VideoXLTrainer`): the first non-finite loss or gradient, before the optimizer
+applies it, naming the step and its samples (`file:line`); non-finite weights are never saved; a checkpoint that
+cannot be written (a full disk) is removed, so `--resume_from_checkpoint last` finds the last good one.
 
 Compression ratios: without `--ratio`, every window draws its ratio from `--ratios` (saved as
 `config.beacon_train_ratios`). The model's ratio schedule is reseeded before every micro-batch from (seed, optimizer
@@ -380,7 +384,8 @@ def write_failure(err: BaseException, folder: Path) -> str:
     free = shutil.disk_usage(existing).free
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     signs = ("No space left", "File too large", "iostream error", "write failed", "quota")
-    if not (errnos & {errno.ENOSPC, errno.EDQUOT, errno.EFBIG} or any(s in t for s in signs for t in texts) or free < 2**26):
+    full = errnos & {errno.ENOSPC, errno.EDQUOT, errno.EFBIG} or any(s in t for s in signs for t in texts)
+    if not (full or free < 2**26):
         return f"{type(err).__name__}: {err}"
     details = [f"{free / 2**20:.0f} MiB free on {existing}"]
     if limit != resource.RLIM_INFINITY:

@@ -126,7 +126,8 @@ def test_a_url_is_fetched_and_decoded_as_its_file_is(processor, server, clip):
 
 def test_an_endless_body_stops_at_the_size_cap(processor, server):
     message, seconds = video_error(processor, f"{server}/endless")
-    assert message == f"{server}/endless sent more than max_url_bytes={CAP} bytes; raise max_url_bytes or download the file"
+    assert message == (f"{server}/endless sent more than max_url_bytes={CAP} bytes; raise max_url_bytes or download "
+                       "the file")
     assert seconds < 2.0
 
 

@@ -1,5 +1,8 @@
 """scripts/finetune.py under faults: a run killed with SIGKILL and resumed from its last complete checkpoint ends
-where the uninterrupted run ends; a bad dataset stops the run before training with one error naming the line."""
+where the uninterrupted run ends; a bad dataset (bad JSON, missing or unreadable media, a sample with nothing to
+learn) stops the run before training with one error naming the line; a diverging run stops at its first non-finite
+loss or gradient and never saves non-finite weights; a checkpoint that cannot be written (a full disk) is removed and
+the last good one stays usable."""
 
 import json
 import re
@@ -134,7 +137,8 @@ def test_a_sample_over_max_length_stops_the_run_before_training_naming_it(assets
     assert not (tmp_path / "out").exists()
 
 
-def test_checking_the_dataset_decodes_no_video(assets, monkeypatch):
+def test_checking_the_dataset_runs_no_video_through_the_processor(assets, monkeypatch):
+    """Only each video's first frame is decoded (`probe_video`), never the sampled frames."""
     processor = AutoProcessor.from_pretrained(assets.model, trust_remote_code=True)
     call = type(processor).__call__
 
@@ -153,7 +157,7 @@ def test_checking_the_dataset_decodes_no_video(assets, monkeypatch):
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_step_and_samples(assets, tmp_path):
     """A learning rate of 1e9: Trainer alone logs `loss 0, grad_norm nan`, exits 0 and saves NaN weights."""
-    data = corrupt(assets, tmp_path, 1, assets.data.read_text().splitlines()[0].replace('"clip', f'"{assets.folder}/clip'))
+    data = assets.data
     with pytest.raises(finetune.NonFiniteTrainingError) as caught:
         run_on(assets, data, tmp_path, "--max_steps", "6", "--learning_rate", "1e9", "--warmup_steps", "0",
                "--save_steps", "1", "--seed", "0")
@@ -214,8 +218,8 @@ def test_non_finite_weights_are_never_saved(assets, tmp_path, monkeypatch):
 
     monkeypatch.setattr(finetune, "build_trainer", with_poison)
     with pytest.raises(finetune.NonFiniteTrainingError,
-                       match=rf"^refusing to save {re.escape(str(tmp_path / 'out' / 'checkpoint-2'))}: 1 weight tensors "
-                             r"are not finite \(first: lm_head\.weight\)"):
+                       match=rf"^refusing to save {re.escape(str(tmp_path / 'out' / 'checkpoint-2'))}: 1 weight "
+                             r"tensors are not finite \(first: lm_head\.weight\)"):
         run_on(assets, assets.data, tmp_path, "--max_steps", "3", "--save_steps", "1")
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
@@ -236,7 +240,7 @@ def processor(assets):
     return AutoProcessor.from_pretrained(assets.model, trust_remote_code=True)
 
 
-def test_media_that_cannot_be_opened_is_refused_before_training_naming_the_line(assets, tmp_path):
+def test_media_that_cannot_be_opened_is_refused_before_training_naming_the_line(assets, tmp_path, processor):
     clip = (assets.folder / "clip1.mp4").read_bytes()
     (tmp_path / "cut.mp4").write_bytes(clip[: len(clip) // 2])  # its index (at the end) is gone
     (tmp_path / "text.mp4").write_text("not a video")
@@ -257,8 +261,7 @@ def test_media_that_cannot_be_opened_is_refused_before_training_naming_the_line(
             run_on(assets, data, tmp_path)
         assert not (tmp_path / "out").exists()
     sample["video"] = f"file://{assets.folder}/clip1.mp4"  # a file:// URL to a video is fine
-    assert len(check_dataset(corrupt(assets, tmp_path, 3, json.dumps(sample)), AutoProcessor.from_pretrained(
-        assets.model, trust_remote_code=True))) == 3
+    assert len(check_dataset(corrupt(assets, tmp_path, 3, json.dumps(sample)), processor)) == 3
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint_and_says_so(assets, tmp_path):
@@ -277,8 +280,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint_and_says
 
     script = [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py")]
     result = subprocess.run(
-        [*script, "--model", str(assets.model), "--data", str(assets.data), "--output_dir", str(out), "--max_steps", "4",
-         "--save_steps", "2", "--learning_rate", "1e-3", "--report_to", "none", "--resume_from_checkpoint", "last"],
+        [*script, "--model", str(assets.model), "--data", str(assets.data), "--output_dir", str(out),
+         "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3", "--report_to", "none", "--resume_from_checkpoint", "last"],
         cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True, preexec_fn=limit_file_size,
         timeout=600)
     errors = [line for line in result.stderr.splitlines() if line.startswith("CheckpointWriteError: ")]
@@ -286,8 +289,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint_and_says
     error = errors[0]
     assert re.fullmatch(
         rf"CheckpointWriteError: cannot write {re.escape(str(out / 'checkpoint-4'))}: the disk is "
-        rf"full or a file reached its size limit \(\d+ MiB free on {re.escape(str(out))}(/checkpoint-4)?; ulimit -f: {limit} bytes; "
-        rf"RuntimeError: .*\)\. The partial checkpoint was removed; the last complete checkpoint is "
+        rf"full or a file reached its size limit \(\d+ MiB free on {re.escape(str(out))}(/checkpoint-4)?; ulimit -f: "
+        rf"{limit} bytes; RuntimeError: .*\)\. The partial checkpoint was removed; the last complete checkpoint is "
         rf"{re.escape(str(out / 'checkpoint-2'))} \(free space and resume with --resume_from_checkpoint last\)",
         error), error
     assert not (out / "checkpoint-4").exists()
