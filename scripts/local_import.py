@@ -16,6 +16,7 @@ CODE_FILES = (
     "configuration_videoxl.py",
     "modeling_videoxl.py",
     "beacon_cache.py",
+    "cache_file_videoxl.py",
     "session_videoxl.py",
     "processing_videoxl.py",
     "image_processing_videoxl.py",

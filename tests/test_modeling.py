@@ -94,7 +94,7 @@ def test_prefill_then_question_equals_one_forward_and_keeps_the_spec_size():
         question = model(ids[:, visual_end:], cache=cache).logits
     torch.testing.assert_close(question, whole.logits[:, visual_end:], atol=1e-5, rtol=1e-5)
     assert whole.cache.get_seq_length() == 4 + 40 + 5 == cache.get_seq_length()
-    assert whole.cache.seen_tokens == ids.shape[1]
+    assert whole.cache.record.absorbed_length == ids.shape[1]
 
 
 def test_text_in_one_step_or_in_chunks_gives_the_same_numbers():
