@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from scripts.local_import import REPO_ROOT
 
 
@@ -21,6 +23,7 @@ def expected_kept(frames: int, ratio: int) -> int:
     return PREFIX + sum(w // ratio for w in windows) + QUESTION
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_records(tmp_path):
     out = tmp_path / "tiny.json"
     png = tmp_path / "tiny.png"

@@ -322,6 +322,7 @@ print(out[0, ids.shape[1]:].tolist())
 """
 
 
+@pytest.mark.slow
 def test_save_then_load_in_a_fresh_process_gives_the_same_answer(tmp_path):
     model, ids, pixels, cache = prefilled(suffix=())
     cache.save(tmp_path / "memory.safetensors")

@@ -90,6 +90,7 @@ def test_a_reply_is_scored_by_its_letter_or_by_the_option_it_names():
     assert answer_letter("blue") is None  # no options to match against
 
 
+@pytest.mark.slow
 def test_make_demo_command_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "demo.run", "--frames", "20", "--seed", "5"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",

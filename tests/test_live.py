@@ -90,6 +90,7 @@ def test_a_video_file_read_as_a_live_stream_samples_frames_by_time(demo, frames,
         list(read_live_frames(str(path), fps=0))
 
 
+@pytest.mark.slow
 def test_the_live_demo_runs(tmp_path):
     import subprocess
     import sys

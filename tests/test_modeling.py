@@ -391,6 +391,7 @@ torch.save(results, out)
 """
 
 
+@pytest.mark.slow
 def test_save_and_load_in_a_fresh_offline_process(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "model")

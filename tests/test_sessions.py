@@ -185,6 +185,7 @@ print(repr(answer))
 """
 
 
+@pytest.mark.slow
 def test_a_saved_conversation_answers_the_same_in_a_fresh_process(demo, frames, tmp_path):
     import subprocess
     import sys
@@ -200,6 +201,7 @@ def test_a_saved_conversation_answers_the_same_in_a_fresh_process(demo, frames, 
     assert result.stdout.strip().splitlines()[-1] == repr(here)
 
 
+@pytest.mark.slow
 def test_the_sessions_benchmark_runs_on_the_tiny_preset(tmp_path):
     import json
     import subprocess
