@@ -148,11 +148,6 @@ class MemoryRecord:
     def batch_size(self) -> int | None:
         return self.id_pieces[0].shape[0] if self.id_pieces else None
 
-    def absorbed_frames(self, token_id: int) -> int:
-        """Frames (or tiles) of one visual kind the memory holds, per sample (padded for a stacked batch)."""
-        digests = self.digests.get(token_id)
-        return 0 if digests is None else digests.shape[1]
-
     def with_digests(self, token_id: int, new: torch.Tensor) -> dict[int, torch.Tensor]:
         old = self.digests.get(token_id)
         return {**self.digests, token_id: new if old is None else torch.cat([old, new.to(old.device)], dim=1)}

@@ -50,7 +50,7 @@ def test_a_prefilled_cache_records_rows_mask_ids_and_windows():
     assert cache.get_seq_length() == 4 + 16 + 8 + 5
     assert cache.record.absorbed_length == ids.shape[1] and torch.equal(cache.record.absorbed_ids, ids)
     assert cache.record.ratios == [4, 4] and cache.compressed_rows == 4 + 16 + 8
-    assert cache.record.absorbed_frames(VIDEO_ID) == FRAMES and int(cache.next_positions()) == cache.get_seq_length()
+    assert cache.record.digests[VIDEO_ID].shape[1] == FRAMES and int(cache.next_positions()) == cache.get_seq_length()
 
 
 def test_reset_empties_rows_mask_ids_and_records():
@@ -125,7 +125,7 @@ def test_checkpoint_and_restore_return_to_an_earlier_extent_with_windows():
     cache.restore(state)
     consistent(cache)
     assert torch.equal(cache.layers[0].keys, keys) and cache.record.ratios == [4, 4]
-    assert cache.record.absorbed_frames(VIDEO_ID) == FRAMES and torch.equal(cache.record.absorbed_ids, ids)
+    assert cache.record.digests[VIDEO_ID].shape[1] == FRAMES and torch.equal(cache.record.absorbed_ids, ids)
 
 
 # ---- a step lands in every layer or in none ---------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_questions_from_a_reused_cache_equal_fresh_prompts_and_decode_the_video_
         lengths.append(cache.get_seq_length() - cache.compressed_rows)
     assert counting.videos == 1
     # Ask-many rewinds the text after the video memory: the memory holds one video, never a copy per question.
-    assert cache.record.ratios == [16, 16] and cache.record.absorbed_frames(model.config.video_token_id) == FRAMES
+    assert cache.record.ratios == [16, 16] and cache.record.digests[model.config.video_token_id].shape[1] == FRAMES
     assert max(lengths) < 100
 
 
