@@ -24,7 +24,8 @@ from scripts.local_import import REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, m
 from tests.conftest import TOKENS_PER_FRAME, VIDEO_ID, random_frames, tiny_model, video_prompt
 
 
-CODE_FILES = {"configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py", "cache_file_videoxl.py"}
+CODE_FILES = {"configuration_videoxl.py", "modeling_videoxl.py", "inputs_videoxl.py", "beacon_cache.py",
+              "cache_file_videoxl.py"}
 PROCESSOR_FILES = {"processor_config.json", "processing_videoxl.py", "tokenizer.json", "chat_template.jinja"}
 WINDOW = 4 * TOKENS_PER_FRAME  # the tiny models' windows
 
