@@ -249,11 +249,11 @@ def allowed_ratios(config: VideoXLConfig) -> list[int]:
 
 
 def check_ratio(ratio: int, config: VideoXLConfig) -> int:
-    allowed = allowed_ratios(config)
-    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio not in allowed:
+    valid = isinstance(ratio, int) and not isinstance(ratio, bool) and ratio >= 1
+    if not valid or math.gcd(config.beacon_window, config.tokens_per_frame) % ratio:  # runs on every call: no list
         raise ValueError(
             f"compression_ratio must divide the window of {config.beacon_window} tokens and a frame of "
-            f"{config.tokens_per_frame} tokens; allowed values: {allowed}, got {ratio!r}"
+            f"{config.tokens_per_frame} tokens; allowed values: {allowed_ratios(config)}, got {ratio!r}"
         )
     return ratio
 
