@@ -8,7 +8,7 @@ OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
 TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: venv venv-oldest test test-oldest demo bench clean
+.PHONY: venv venv-oldest test test-all test-oldest demo clean
 
 venv: $(STAMP)
 
@@ -27,11 +27,16 @@ $(OLDEST_STAMP): requirements.txt requirements-oldest.txt
 	$(OLDEST_PY) -m pip install -q -r $(OLDEST_VENV)/requirements-newest-unpinned.txt -r requirements-oldest.txt
 	touch $(OLDEST_STAMP)
 
-# The suite on the newest supported transformers (requirements.txt).
+# The quick loop on the newest supported transformers (requirements.txt): unit and equivalence tests, without the
+# tests marked slow (they start processes: scripts, torchrun, fresh interpreters, Trainer runs).
 test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" tests
+
+# Everything, slow tests included, on the newest supported transformers.
+test-all: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
-# The same suite on the oldest supported transformers (requirements-oldest.txt).
+# Everything on the oldest supported transformers (requirements-oldest.txt).
 test-oldest: $(OLDEST_STAMP)
 	$(TEST_ENV) $(OLDEST_PY) -m pytest -q tests
 

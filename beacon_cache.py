@@ -1,36 +1,37 @@
-"""The memory of Video-XL: per layer, the keys and values that survive compression.
+"""The memory of Video-XL: per layer, the keys and values that survive compression, and a record of what it holds.
 
 Keep rule: text rows are kept as they are; of a visual window only the VST rows are kept, with their keys rotated
 at the position they take in memory. Raw visual keys and values are never stored. Keys are stored after RoPE, and
 a kept row's position equals the number of valid rows kept before it, so stored keys never need rotating again.
 
 A step (a text span or one visual window) lands in every layer or in none ([`BeaconCache.commit`]). Beside the
-rows, the cache records the input ids it has absorbed, so a prompt that does not continue them is refused instead
-of being answered from the wrong memory.
+rows, the cache holds one [`MemoryRecord`]: the input ids it absorbed (so a prompt that does not continue them is
+refused instead of being answered from the wrong memory), the windows' ratios, fingerprints of the frames, the
+sessions' media notes and the identity of the model that wrote it. The file format is in `cache_file_videoxl.py`.
+
+Lengths, one per question:
+- `get_seq_length()`: kept rows per layer (prefix + VSTs + text), the library's question.
+- `record.absorbed_length`: columns of `input_ids` the memory holds (more than the rows once compressed).
+- `compressed_rows`: kept rows up to the end of the last window; only rows after it (raw text) can be cropped.
+- `next_positions()`: per sample, the position the next token takes (valid rows kept; padding does not count).
 """
 
 import hashlib
 import json
-import struct
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .cache_file_videoxl import load_cache, save_cache
 from .compat_videoxl import crop_count
 
 
-FORMAT = "videoxl-beacon-cache"
-FORMAT_VERSION = 1
-
-
 class BeaconLayer(DynamicLayer):
-    """One layer's kept rows: keys/values `[batch, kv_heads, kept, head_dim]` and `valid` `[batch, kept]` (bool:
-    False marks a padding row that must never be attended to).
+    """One layer's kept rows: keys/values `[batch, kv_heads, kept, head_dim]` (their validity is the cache's).
 
     While the appended rows carry autograd history (training), the layer also remembers them step by step
     ([`pieces`]): a checkpointed decoder layer then holds references to these pieces, which live anyway, instead of
@@ -40,14 +41,12 @@ class BeaconLayer(DynamicLayer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.valid: torch.Tensor | None = None
         # (a weak reference to the keys the pieces make up, the pieces); stale once `keys` is replaced otherwise.
         self._pieces: tuple[weakref.ref, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         pieces = self.pieces()
         self.update(keys, values)
-        self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
         tracked = keys.requires_grad or values.requires_grad
         self._pieces = (weakref.ref(self.keys), [*pieces, (keys, values)]) if tracked else None
 
@@ -68,7 +67,6 @@ class BeaconLayer(DynamicLayer):
             self.reset()
         elif self.is_initialized:
             self.keys, self.values = self.keys[..., :rows, :], self.values[..., :rows, :]
-            self.valid = self.valid[:, :rows]
 
     def reset(self) -> None:
         # Dropped, not zeroed: `update` grows them by concatenation. (Before 5.18 the library's reset zeroes them in
@@ -76,28 +74,7 @@ class BeaconLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         super().reset()
-        self.valid = None
         self._pieces = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if tokens_to_remove and self.valid is not None:
-            self.valid = self.valid[:, : -abs(tokens_to_remove)]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.valid is not None:
-            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.valid is not None:
-            self.valid = self.valid.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.valid is not None:
-            self.valid = self.valid[indices]
 
 
 def model_identity(config) -> str:
@@ -132,86 +109,94 @@ def frame_digests(frames: torch.Tensor) -> torch.Tensor:
         _DIGEST_WEIGHTS[key] = torch.randint(1, 2**12, (flat.shape[1],), generator=generator).to(flat.device)
     weights = _DIGEST_WEIGHTS[key]
     digests = []
-    for chunk in flat.split(8):
-        bits = chunk.float().view(torch.int32).to(torch.int64)
-        digests.append(torch.stack([bits.sum(1), (bits * weights).sum(1)], dim=1))
-    return torch.cat(digests) if digests else torch.zeros(0, 2, dtype=torch.int64, device=flat.device)
+    for frame in flat:  # one frame's int64 bits at a time (8 bytes a pixel), not a window's
+        bits = frame.float().view(torch.int32).to(torch.int64)
+        digests.append(torch.stack([bits.sum(), (bits * weights).sum()]))
+    return torch.stack(digests) if digests else torch.zeros(0, 2, dtype=torch.int64, device=flat.device)
+
+
+@dataclass
+class MemoryRecord:
+    """What a session needs to know about a memory besides its rows.
+
+    - `absorbed_ids` `[batch, absorbed_length]`: the columns of `input_ids` the memory holds, in order (kept as the
+      steps' pieces, joined when read).
+    - `ratios`: the compression ratio of each window, in order.
+    - `digests`: per visual token id, `[batch, frames, 2]` fingerprints ([`frame_digests`]) of the frames absorbed.
+    - `media`: JSON-able notes on the absorbed videos and images, written and read by the sessions
+      (`session_videoxl.py`); the cache only keeps and saves them.
+    - `model_id`: [`model_identity`] of the model that wrote the memory.
+    """
+
+    id_pieces: list[torch.Tensor] = field(default_factory=list)
+    ratios: list[int] = field(default_factory=list)
+    digests: dict[int, torch.Tensor] = field(default_factory=dict)
+    media: list[dict[str, Any]] = field(default_factory=list)
+    model_id: str | None = None
+
+    @property
+    def absorbed_ids(self) -> torch.Tensor | None:
+        if len(self.id_pieces) > 1:
+            self.id_pieces = [torch.cat(self.id_pieces, dim=1)]
+        return self.id_pieces[0] if self.id_pieces else None
+
+    @property
+    def absorbed_length(self) -> int:
+        return sum(piece.shape[1] for piece in self.id_pieces)
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.id_pieces[0].shape[0] if self.id_pieces else None
+
+    def with_digests(self, token_id: int, new: torch.Tensor) -> dict[int, torch.Tensor]:
+        old = self.digests.get(token_id)
+        return {**self.digests, token_id: new if old is None else torch.cat([old, new.to(old.device)], dim=1)}
+
+    def cut(self, absorbed_length: int, ratios: int, frames: dict[int, int]) -> None:
+        """Keep the first `absorbed_length` ids, `ratios` ratios and `frames[token_id]` frames' digests."""
+        ids = self.absorbed_ids
+        self.id_pieces = [ids[:, :absorbed_length]] if absorbed_length else []
+        self.ratios = self.ratios[:ratios]
+        self.digests = {t: d[:, : frames[t]] for t, d in self.digests.items() if frames.get(t)}
+
+    def map_batch(self, fn) -> None:
+        """Apply a batch-dimension operation (reorder, repeat, select) to the per-sample fields."""
+        ids = self.absorbed_ids
+        self.id_pieces = [] if ids is None else [fn(ids)]
+        self.digests = {token_id: fn(d) for token_id, d in self.digests.items()}
 
 
 class BeaconCache(Cache):
-    """A [`Cache`] holding the kept (compressed) memory of every layer ([`BeaconLayer`]).
+    """A [`Cache`] holding the kept (compressed) memory of every layer ([`BeaconLayer`]), the validity of its rows
+    (`key_mask` `[batch, kept]`, False for padding rows that are never attended to), the compressed boundary
+    (`compressed_rows`) and the [`MemoryRecord`] (`record`). See the module docstring for its lengths."""
 
-    `get_seq_length()` is the number of kept rows: prefix + VSTs + text. Besides the rows it holds what belongs to
-    the whole cache:
-
-    - `absorbed_ids` `[batch, seen_tokens]`: the columns of `input_ids` the memory holds, in order.
-    - `compressed_rows`: kept rows up to the end of the last compressed window. Rows after it are raw text, one
-      per absorbed column, and are the only rows `crop` may remove.
-    - `ratios`: the compression ratio of each window, in order.
-    - `frame_digests`: per visual token id, `[batch, frames, 2]` fingerprints of the frames absorbed, so a prompt
-      carrying other pixels for the same tokens is refused.
-    - `media`: JSON-able notes on the absorbed videos and images (where they came from, timestamps), written by
-      `chat` and live sessions and saved with the cache.
-    - `model_id`: [`model_identity`] of the model that wrote it.
-    """
-
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, model_id: str | None = None):
         super().__init__(layers=[BeaconLayer() for _ in range(num_layers)])
-        self._clear()
-
-    def _clear(self) -> None:
-        self.absorbed_ids: torch.Tensor | None = None
+        self.key_mask: torch.Tensor | None = None
         self.compressed_rows = 0
-        self.ratios: list[int] = []
-        self.frame_digests: dict[int, torch.Tensor] = {}
-        self.media: list[dict[str, Any]] = []
-        self.model_id: str | None = None
+        self.record = MemoryRecord(model_id=model_id)
 
-    # ---- reading -------------------------------------------------------------------------------------------------
-
-    @property
-    def seen_tokens(self) -> int:
-        """How many columns of `input_ids` the memory has absorbed (more than `get_seq_length()` once compressed)."""
-        return 0 if self.absorbed_ids is None else self.absorbed_ids.shape[1]
-
-    @property
-    def key_mask(self) -> torch.Tensor | None:
-        """`[batch, kept]` bool: which kept rows are valid (not padding)."""
-        return self.layers[0].valid
-
-    def memory(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The kept keys and values of one layer, or (None, None) while it is empty."""
-        layer = self.layers[layer_idx]
-        if not layer.is_initialized or layer.keys.shape[-2] == 0:
-            return None, None
-        return layer.keys, layer.values
-
-    def memory_pieces(self, layer_idx: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The kept keys and values of one layer as lists of pieces `[batch, kv_heads, rows_i, head_dim]` whose
-        concatenation is [`memory`]: one per step while training ([`BeaconLayer.pieces`]), else one; empty lists
-        while the layer is empty."""
-        pieces = self.layers[layer_idx].pieces()
-        return [keys for keys, _ in pieces], [values for _, values in pieces]
-
-    def valid_length(self) -> torch.Tensor | None:
-        """Number of valid kept rows per sample `[batch]`: the position the next token takes."""
+    def next_positions(self) -> torch.Tensor | None:
+        """`[batch]`: the position the next token of each sample takes (its valid kept rows); None while empty."""
         return None if self.key_mask is None else self.key_mask.sum(dim=1)
 
-    def absorbed_frames(self, token_id: int) -> int:
-        """Frames (or tiles) of one visual kind whose tokens the memory has absorbed, per sample."""
-        digests = self.frame_digests.get(token_id)
-        return 0 if digests is None else digests.shape[1]
+    def memory_pieces(self, layer_idx: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The kept keys and values of one layer as lists of pieces `[batch, kv_heads, rows_i, head_dim]` (see
+        [`BeaconLayer.pieces`]); empty lists while the layer is empty."""
+        pieces = self.layers[layer_idx].pieces()
+        return [keys for keys, _ in pieces], [values for _, values in pieces]
 
     # ---- writing: one step at a time -------------------------------------------------------------------------------
 
     def bind(self, model_id: str) -> None:
         """Tie an empty cache to a model; refuse a cache written by a model of another config."""
-        if self.model_id is None and self.seen_tokens == 0:
-            self.model_id = model_id
-        elif self.model_id != model_id:
+        if self.record.model_id is None and self.record.absorbed_length == 0:
+            self.record.model_id = model_id
+        elif self.record.model_id != model_id:
             raise ValueError(
-                f"this cache was written by a model with another config (identity {self.model_id}, this model "
-                f"{model_id}); its memory cannot be read by this model. Start from cache=None."
+                f"this cache was written by a model with another config (identity {self.record.model_id}, this "
+                f"model {model_id}); its memory cannot be read by this model. Start from cache=None."
             )
 
     def commit(
@@ -234,29 +219,25 @@ class BeaconCache(Cache):
         rows = self.get_seq_length()
         try:
             for layer, (keys, values) in zip(self.layers, kept):
-                layer.append(keys, values, valid.bool())
-            absorbed_ids = ids if self.absorbed_ids is None else torch.cat([self.absorbed_ids, ids.to(self.absorbed_ids.device)], 1)
-            frame_digests = dict(self.frame_digests)
-            if digests is not None:
-                token_id, new = digests
-                old = frame_digests.get(token_id)
-                frame_digests[token_id] = new if old is None else torch.cat([old, new.to(old.device)], dim=1)
-            ratios = self.ratios + [ratio] if ratio else self.ratios
-            compressed_rows = self.get_seq_length() if ratio else self.compressed_rows
+                layer.append(keys, values)
+            valid = valid.bool()
+            key_mask = valid if self.key_mask is None else torch.cat([self.key_mask, valid.to(self.key_mask.device)], 1)
+            all_digests = self.record.digests if digests is None else self.record.with_digests(*digests)
         except BaseException:
             for layer in self.layers:
                 layer.truncate(rows)
             raise
-        # One statement, after everything that can fail: the whole-cache records move with the rows.
-        self.absorbed_ids, self.frame_digests, self.ratios, self.compressed_rows = (
-            absorbed_ids, frame_digests, ratios, compressed_rows
-        )
+        # After everything that can fail: the validity and the record move with the rows.
+        self.key_mask = key_mask
+        self.record.id_pieces.append(ids)
+        self.record.digests = all_digests
+        if ratio:
+            self.record.ratios.append(ratio)
+            self.compressed_rows = self.get_seq_length()
 
-    @classmethod
-    def stack(
-        cls, caches: list["BeaconCache"], absorbed_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> "BeaconCache":
-        """One batched cache from single-sample caches (each `[1, ...]`), e.g. prompts prefilled one at a time.
+    def stack(self, caches: list["BeaconCache"], absorbed_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Fill this empty cache with the samples of single-sample caches (each `[1, ...]`), e.g. prompts
+        prefilled one at a time.
 
         `absorbed_ids` `[batch, seq]` is the padded prompt the batch decodes from, `attention_mask` `[batch, seq]`
         its padding (0); each cache holds the rows of its sample's tokens. Each sample's rows are left-padded with
@@ -267,7 +248,9 @@ class BeaconCache(Cache):
         The given caches are emptied: their rows are released layer by layer as they are copied, so stacking needs
         one layer's rows on top of the samples' memory, not a second copy of all of it.
         """
-        if not caches or any(cache.seen_tokens == 0 or cache.absorbed_ids.shape[0] != 1 for cache in caches):
+        if self.record.absorbed_length or self.get_seq_length():
+            raise ValueError("stack fills an empty cache")
+        if not caches or any(cache.record.absorbed_length == 0 or cache.record.batch_size != 1 for cache in caches):
             raise ValueError("stack takes a non-empty list of non-empty single-sample caches")
         if absorbed_ids.shape[0] != len(caches):
             raise ValueError(f"absorbed_ids has {absorbed_ids.shape[0]} rows for {len(caches)} caches")
@@ -278,36 +261,38 @@ class BeaconCache(Cache):
         tokens = torch.ones_like(absorbed_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         unpadded_ends = tokens.flip(1).long().cumprod(dim=1).sum(dim=1).tolist()  # columns after the last padding
         longest = max(rows)
-        stacked = cls(len(caches[0].layers))
-        for token_id in {token_id for cache in caches for token_id in cache.frame_digests}:
-            digests = [cache.frame_digests.get(token_id) for cache in caches]
-            frames = max(d.shape[1] for d in digests if d is not None)
-            template = next(d for d in digests if d is not None)
-            stacked.frame_digests[token_id] = torch.cat([
-                template.new_zeros(1, frames, 2) if d is None else _right_pad(d, frames, dim=1) for d in digests
+        digests = {}
+        for token_id in {token_id for cache in caches for token_id in cache.record.digests}:
+            per_sample = [cache.record.digests.get(token_id) for cache in caches]
+            frames = max(d.shape[1] for d in per_sample if d is not None)
+            template = next(d for d in per_sample if d is not None)
+            digests[token_id] = torch.cat([
+                template.new_zeros(1, frames, 2) if d is None else _right_pad(d, frames, dim=1) for d in per_sample
             ])
         valid = torch.cat([_left_pad(cache.key_mask, longest, dim=1) for cache in caches])
         kept = []
-        for layer_idx in range(len(stacked.layers)):
+        for layer_idx in range(len(self.layers)):
             layers = [cache.layers[layer_idx] for cache in caches]
             keys = torch.cat([_left_pad(layer.keys, longest, dim=2) for layer in layers])
             values = torch.cat([_left_pad(layer.values, longest, dim=2) for layer in layers])
             kept.append((keys, values))
             for layer in layers:
                 layer.reset()
-        stacked.commit(kept, valid, absorbed_ids)
-        stacked.compressed_rows = longest - min(min(tail, end) for tail, end in zip(tails, unpadded_ends))
-        stacked.ratios = [ratio for cache in caches for ratio in cache.ratios]
-        stacked.model_id = caches[0].model_id
+        self.bind(caches[0].record.model_id)
+        self.commit(kept, valid, absorbed_ids)
+        self.compressed_rows = longest - min(min(tail, end) for tail, end in zip(tails, unpadded_ends))
+        self.record.ratios = [ratio for cache in caches for ratio in cache.record.ratios]
+        self.record.digests = digests
         for cache in caches:
             cache.reset()
-        return stacked
 
     # ---- Cache operations ------------------------------------------------------------------------------------------
 
     def reset(self) -> None:
         super().reset()
-        self._clear()
+        self.key_mask = None
+        self.compressed_rows = 0
+        self.record = MemoryRecord()
 
     @property
     def is_croppable(self) -> bool:
@@ -322,7 +307,7 @@ class BeaconCache(Cache):
         from; cutting into compressed memory raises a `ValueError` (a compressed window cannot be re-opened).
         Releases before 5.15 pass the number of columns to keep instead (`compat_videoxl.crop_count`).
         """
-        tokens_to_remove = crop_count(tokens_to_remove, self.seen_tokens)
+        tokens_to_remove = crop_count(tokens_to_remove, self.record.absorbed_length)
         if tokens_to_remove > 0:
             raise ValueError(
                 f"crop takes a negative number of rows to remove, got {tokens_to_remove}; to keep n rows call "
@@ -338,45 +323,45 @@ class BeaconCache(Cache):
                 f"memory ({self.compressed_rows} rows up to the end of the last visual window cannot be cut). "
                 "Start from a cache that ends before the visual input instead."
             )
+        rows = self.get_seq_length() - remove
         for layer in self.layers:
-            layer.crop(tokens_to_remove)
-        self.absorbed_ids = self.absorbed_ids[:, :-remove]
+            layer.truncate(rows)
+        self.key_mask = self.key_mask[:, :rows] if rows else None
+        ids = self.record.absorbed_ids[:, :-remove]
+        self.record.id_pieces = [ids] if ids.shape[1] else []
 
-    def rewind(self, seen_tokens: int) -> None:
-        """Forget the absorbed columns after the first `seen_tokens` (raw text only, as `crop`)."""
-        if not 0 <= seen_tokens <= self.seen_tokens:
-            raise ValueError(f"cannot rewind to {seen_tokens} columns: the cache has absorbed {self.seen_tokens}")
-        self.crop(seen_tokens - self.seen_tokens)
+    def rewind(self, absorbed_length: int) -> None:
+        """Forget the absorbed columns after the first `absorbed_length` (raw text only, as `crop`)."""
+        if not 0 <= absorbed_length <= self.record.absorbed_length:
+            raise ValueError(
+                f"cannot rewind to {absorbed_length} columns: the cache has absorbed {self.record.absorbed_length}"
+            )
+        self.crop(absorbed_length - self.record.absorbed_length)
 
     def checkpoint(self) -> dict[str, Any]:
         """The cache's current extent (a few numbers, no tensors): [`restore`] returns to it."""
         return {
             "rows": self.get_seq_length(),
-            "seen_tokens": self.seen_tokens,
+            "absorbed_length": self.record.absorbed_length,
             "compressed_rows": self.compressed_rows,
-            "ratios": len(self.ratios),
-            "frames": {token_id: d.shape[1] for token_id, d in self.frame_digests.items()},
-            "media": json.dumps(self.media),
-            "model_id": self.model_id,
+            "ratios": len(self.record.ratios),
+            "frames": {token_id: d.shape[1] for token_id, d in self.record.digests.items()},
+            "media": json.dumps(self.record.media),
+            "model_id": self.record.model_id,
         }
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Return to an earlier [`checkpoint`] of this cache, compressed windows included: memory only ever grows
         by appending, so every earlier extent is a whole cache. (Views: nothing is copied.)"""
-        if checkpoint["rows"] > self.get_seq_length() or checkpoint["seen_tokens"] > self.seen_tokens:
+        if checkpoint["rows"] > self.get_seq_length() or checkpoint["absorbed_length"] > self.record.absorbed_length:
             raise ValueError("restore takes a checkpoint of this cache taken earlier; the cache is shorter than it")
         for layer in self.layers:
             layer.truncate(checkpoint["rows"])
-        self.absorbed_ids = self.absorbed_ids[:, : checkpoint["seen_tokens"]] if checkpoint["seen_tokens"] else None
+        self.key_mask = self.key_mask[:, : checkpoint["rows"]] if checkpoint["rows"] else None
         self.compressed_rows = checkpoint["compressed_rows"]
-        self.ratios = self.ratios[: checkpoint["ratios"]]
-        self.frame_digests = {
-            token_id: d[:, : checkpoint["frames"][token_id]]
-            for token_id, d in self.frame_digests.items()
-            if checkpoint["frames"].get(token_id)
-        }
-        self.media = json.loads(checkpoint["media"])
-        self.model_id = checkpoint["model_id"]
+        self.record.cut(checkpoint["absorbed_length"], checkpoint["ratios"], checkpoint["frames"])
+        self.record.media = json.loads(checkpoint["media"])
+        self.record.model_id = checkpoint["model_id"]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -391,16 +376,11 @@ class BeaconCache(Cache):
         self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def _map_batch(self, fn) -> None:
-        if self.absorbed_ids is not None:
-            self.absorbed_ids = fn(self.absorbed_ids)
-        self.frame_digests = {token_id: fn(d) for token_id, d in self.frame_digests.items()}
+        if self.key_mask is not None:
+            self.key_mask = fn(self.key_mask)
+        self.record.map_batch(fn)
 
     # ---- checks ------------------------------------------------------------------------------------------------------
-
-    @property
-    def compressed_columns(self) -> int:
-        """Absorbed columns up to the end of the last compressed window (the rest are raw text, one row each)."""
-        return self.seen_tokens - (self.get_seq_length() - self.compressed_rows)
 
     def align(self, input_ids: torch.Tensor) -> None:
         """Make the cache a prefix of `input_ids` `[batch, seq]`, leaving at least one column to run.
@@ -410,25 +390,24 @@ class BeaconCache(Cache):
         with a `ValueError`. Raw text after it that `input_ids` do not repeat (an earlier question and answer, tokens
         assisted decoding rejected) is rewound, which is exactly what a fresh prompt would compute.
         """
-        absorbed = self.seen_tokens
+        absorbed = self.record.absorbed_length
         if absorbed == 0:
             return
-        if input_ids.shape[0] != self.absorbed_ids.shape[0]:
-            raise ValueError(
-                f"the cache holds {self.absorbed_ids.shape[0]} sample(s) but input_ids has {input_ids.shape[0]}"
-            )
+        absorbed_ids = self.record.absorbed_ids
+        if input_ids.shape[0] != absorbed_ids.shape[0]:
+            raise ValueError(f"the cache holds {absorbed_ids.shape[0]} sample(s) but input_ids has {input_ids.shape[0]}")
         length = min(absorbed, input_ids.shape[1])
-        same = (input_ids[:, :length] == self.absorbed_ids[:, :length].to(input_ids.device)).all(dim=0)
+        same = (input_ids[:, :length] == absorbed_ids[:, :length].to(input_ids.device)).all(dim=0)
         differs = (~same).nonzero()
         common = int(differs[0]) if differs.numel() else length
         common = min(common, input_ids.shape[1] - 1)  # the last column runs again rather than nothing
-        frozen = self.compressed_columns
+        frozen = absorbed - (self.get_seq_length() - self.compressed_rows)  # columns up to the last window's end
         if common < frozen:
             what = (
                 "the whole prompt is already in the cache and ends with its compressed memory: add new tokens"
                 if common == input_ids.shape[1] - 1 and length == absorbed == input_ids.shape[1]
                 else "this cache belongs to another prompt (other visual input or earlier text, or a shorter prompt): "
-                "pass cache=None, or a prompt that starts with cache.absorbed_ids"
+                "pass cache=None, or a prompt that starts with cache.record.absorbed_ids"
             )
             raise ValueError(
                 f"input_ids part from the ids the cache absorbed at column {max(common, 0)}, inside its compressed "
@@ -441,7 +420,7 @@ class BeaconCache(Cache):
         """Refuse pixels whose frames are not the ones the memory absorbed. `frames` holds, per sample, the frames
         `[n, ...]` its absorbed tokens of `token_id` stand for (samples of a stacked batch may hold different
         counts; their digests are zero-padded)."""
-        known = self.frame_digests.get(token_id)
+        known = self.record.digests.get(token_id)
         if known is None or known.shape[1] == 0:
             return
         frames_known = known.shape[1]
@@ -452,81 +431,17 @@ class BeaconCache(Cache):
                 "are not the frames it encoded: this cache belongs to another video or image. Pass cache=None."
             )
 
-    # ---- on disk -----------------------------------------------------------------------------------------------------
+    # ---- on disk (the format: cache_file_videoxl.py) ---------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the memory to one safetensors file: kept keys/values, valid rows, absorbed ids and frame digests,
-        with JSON metadata (format version, model identity, ratios, frames, media notes, dtype) in its header."""
-        if self.seen_tokens == 0:
-            raise ValueError("the cache is empty: nothing to save")
-        tensors = {}
-        for i, layer in enumerate(self.layers):
-            tensors[f"layers.{i}.keys"] = layer.keys.contiguous()
-            tensors[f"layers.{i}.values"] = layer.values.contiguous()
-        tensors["valid"] = self.key_mask.to(torch.uint8).contiguous()
-        # Run-length encoded over columns: a video is one long run of the same id.
-        runs, lengths = torch.unique_consecutive(self.absorbed_ids, dim=1, return_counts=True)
-        tensors["absorbed_ids.runs"], tensors["absorbed_ids.lengths"] = runs.contiguous(), lengths
-        for token_id, digests in self.frame_digests.items():
-            tensors[f"frame_digests.{token_id}"] = digests.contiguous()
-        metadata = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "model_id": self.model_id or "",
-            "num_layers": str(len(self.layers)),
-            "compressed_rows": str(self.compressed_rows),
-            "ratios": json.dumps(self.ratios),
-            "frames": json.dumps({str(t): int(d.shape[1]) for t, d in self.frame_digests.items()}),
-            "media": json.dumps(self.media),
-            "dtype": str(self.layers[0].keys.dtype).removeprefix("torch."),
-        }
-        tensors = {name: t.detach().cpu() for name, t in tensors.items()}
-        metadata["checksum"] = _checksum(tensors)
-        save_file(tensors, str(path), metadata=metadata)
+        """Write the memory to one safetensors file (see `cache_file_videoxl.save_cache`)."""
+        save_cache(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "BeaconCache":
         """Read a cache written by [`save`]. `device`/`dtype`: where and in which float type to put the keys and
         values (default: CPU, as saved). A file that is not a complete cache of this format raises `ValueError`."""
-        path = Path(path)
-        try:
-            metadata, tensors = _read_safetensors(path)
-        except (OSError, ValueError, RuntimeError, json.JSONDecodeError, struct.error) as err:
-            raise ValueError(f"{path} is not a readable BeaconCache file (truncated or corrupt?): {err}") from err
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a BeaconCache file (format {metadata.get('format')!r})")
-        if metadata.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(
-                f"{path} has BeaconCache format version {metadata.get('format_version')}; this code reads "
-                f"version {FORMAT_VERSION}"
-            )
-        if metadata.get("checksum") != _checksum(tensors):
-            raise ValueError(f"{path} is corrupt: its contents do not match the checksum written with them")
-        try:
-            num_layers = int(metadata["num_layers"])
-            cache = cls(num_layers)
-            valid = tensors["valid"].bool()
-            for i, layer in enumerate(cache.layers):
-                keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
-                if keys.shape != values.shape or keys.shape[2] != valid.shape[1] or keys.shape[0] != valid.shape[0]:
-                    raise ValueError(f"layer {i} has keys {tuple(keys.shape)}, values {tuple(values.shape)} and "
-                                     f"valid rows {tuple(valid.shape)}")
-                keys = keys.to(device=device, dtype=dtype or keys.dtype)
-                layer.append(keys, values.to(device=device, dtype=dtype or values.dtype), valid.to(keys.device))
-            runs, lengths = tensors["absorbed_ids.runs"], tensors["absorbed_ids.lengths"]
-            cache.absorbed_ids = runs.repeat_interleave(lengths, dim=1).to(device)
-            cache.frame_digests = {
-                int(name.split(".", 1)[1]): t.to(device) for name, t in tensors.items() if name.startswith("frame_digests.")
-            }
-            cache.compressed_rows = int(metadata["compressed_rows"])
-            cache.ratios = [int(r) for r in json.loads(metadata["ratios"])]
-            cache.media = json.loads(metadata["media"])
-            cache.model_id = metadata["model_id"] or None
-        except (KeyError, ValueError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is an incomplete or inconsistent BeaconCache file: {err!r}") from err
-        if not cache.compressed_rows <= cache.get_seq_length() or cache.seen_tokens < cache.get_seq_length() - cache.compressed_rows:
-            raise ValueError(f"{path} is an inconsistent BeaconCache file (rows and absorbed ids disagree)")
-        return cache
+        return load_cache(cls, path, device, dtype)
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -543,30 +458,4 @@ def _right_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """BLAKE2b of every tensor's name, shape, dtype and bytes: safetensors itself does not notice a flipped byte."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a safetensors file, after checking its size against its header (safetensors maps
-    files lazily, so a truncated file would otherwise fail late or not at all)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        if header_len > size - 8:
-            raise ValueError(f"header of {header_len} bytes in a file of {size} bytes")
-        header = json.loads(f.read(header_len))
-    data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-    if 8 + header_len + data_end != size:
-        raise ValueError(f"the header describes {8 + header_len + data_end} bytes, the file has {size}")
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
-
-
-__all__ = ["BeaconCache", "BeaconLayer", "frame_digests", "model_identity"]
+__all__ = ["BeaconCache", "BeaconLayer", "MemoryRecord", "frame_digests", "model_identity"]

@@ -12,16 +12,6 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
 
-def default_grid_pinpoints(tile: int = 336, max_tiles: int = 49) -> list[list[int]]:
-    """Every (tile*a, tile*b) with a, b >= 1 and a*b <= max_tiles, except a single tile, in the original's order."""
-    return [
-        [tile * a, tile * b]
-        for a in range(1, max_tiles + 1)
-        for b in range(1, max_tiles // a + 1)
-        if a * b > 1
-    ]
-
-
 # Qwen2-7B-Instruct, the language model of the released checkpoint.
 QWEN2_7B = {
     "vocab_size": 152064,
@@ -88,7 +78,9 @@ class VideoXLConfig(PreTrainedConfig):
         beacon_train_ratios (`list[int]`): ratios drawn per window in training when no ratio is given.
         beacon_param (`list[str]`): which attention projections have VST copies (`beacon_{q,k,v}_proj`).
         image_token_id / video_token_id (`int`): placeholder ids, one per visual token.
-        image_grid_pinpoints (`list`): candidate resolutions (h, w) for anyres image tiling.
+        image_grid_pinpoints (`list`): the anyres grid as the original checkpoint's config lists it ([w, h] pairs),
+            kept for reference only: the model reads tiles, and the processor owns the tiling
+            (`VideoXLImageProcessor.image_grid_pinpoints`, [h, w] pairs).
         ratio_seed (`int`): seed of the generator that draws training ratios.
     """
 
@@ -123,8 +115,6 @@ class VideoXLConfig(PreTrainedConfig):
             self.beacon_train_ratios = [2, 4, 8]
         if self.beacon_param is None:
             self.beacon_param = ["q", "k", "v"]
-        if self.image_grid_pinpoints is None:
-            self.image_grid_pinpoints = default_grid_pinpoints(self.vision_config.image_size)
         problems = field_problems(self)
         if problems:
             raise ValueError("invalid VideoXLConfig:\n" + "\n".join(f"- {problem}" for problem in problems))

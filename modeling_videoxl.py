@@ -32,7 +32,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers.utils import can_return_tuple, logging
 
-from .beacon_cache import BeaconCache, frame_digests, model_identity
+from .beacon_cache import BeaconCache, model_identity
 from .compat_videoxl import (
     CACHE_NAME,
     BaseModelOutputWithPast,
@@ -44,12 +44,36 @@ from .compat_videoxl import (
     take_cache,
 )
 from .configuration_videoxl import VideoXLConfig
+from .inputs_videoxl import (
+    VisualInputs,
+    check_input_ids,
+    check_inputs_embeds,
+    check_output_attentions,
+    is_plain_text,
+    same_layout,
+    visual_kinds,
+)
 from .session_videoxl import LiveVideo, chat
 
 
 logger = logging.get_logger(__name__)
 
-VISUAL_INPUT_NAMES = ("pixel_values_videos", "pixel_values", "image_sizes")
+# Arguments of `generate` that are not model inputs here (the library's own bookkeeping, or replaced: positions are
+# the model's own; `image_sizes` describes images whose tiles already carry everything the model needs).
+NOT_MODEL_OPTIONS = {
+    "next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds", "cache_position",
+    "pixel_values_videos", "pixel_values", "image_sizes",
+}
+
+
+def model_options(generate_kwargs: dict) -> dict:
+    """The options `generate` carries that go to `forward` on every call (`compression_ratio`, `use_cache`, ...)."""
+    return {key: value for key, value in generate_kwargs.items() if key not in NOT_MODEL_OPTIONS}
+
+
+# One decoded row over a memory up to this long: one SDPA over [memory ; step] costs less than two flash calls and
+# their merge (CPU, 1 thread: about half at 64 rows; the merge wins from about 1,000 rows, where the copy dominates).
+ONE_KERNEL_MEMORY = 512
 
 
 def memory_causal_attention(
@@ -66,8 +90,9 @@ def memory_causal_attention(
 
     Neither the `[rows, kept + rows]` mask nor `[memory ; step]` is built where a kernel can avoid it: on CPU
     without autograd the memory and the step are two flash calls merged by their log-sum-exp (the flash op's
-    log-sum-exp has no gradient, so training takes the general path). Elsewhere SDPA gets a lower-right causal
-    bias (flash / memory-efficient kernels on CUDA).
+    log-sum-exp has no gradient, so training takes the general path), except one row over a short memory (decoding
+    after a short prompt), where one SDPA call is cheaper. Elsewhere SDPA gets a lower-right causal bias (flash /
+    memory-efficient kernels on CUDA).
     """
     step_keys, step_values = step
     rows = query.shape[2]
@@ -75,7 +100,8 @@ def memory_causal_attention(
     # lacks it, the general path below runs.
     flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     no_grad = not (torch.is_grad_enabled() and query.requires_grad)
-    if memory is not None and query.device.type == "cpu" and flash_cpu is not None and no_grad and dropout == 0.0:
+    long_memory = memory is not None and (rows > 1 or memory[0].shape[2] > ONE_KERNEL_MEMORY)
+    if long_memory and query.device.type == "cpu" and flash_cpu is not None and no_grad and dropout == 0.0:
         step_out, step_lse = flash_cpu(
             query, repeat_kv(step_keys, groups), repeat_kv(step_values, groups), 0.0, rows > 1, scale=scaling
         )
@@ -109,20 +135,12 @@ def placed_device(weight: torch.Tensor, fallback: torch.device) -> torch.device:
 def check_beacon_cache(cache) -> BeaconCache:
     """Refuse a cache that is not a [`BeaconCache`] (by its interface: a remote-code model and the user may hold
     two copies of the class)."""
-    if not all(hasattr(cache, name) for name in ("absorbed_ids", "commit", "align")):
+    if not all(hasattr(cache, name) for name in ("record", "commit", "align")):
         raise ValueError(
             f"Video-XL keeps its memory in a BeaconCache, got {type(cache).__name__}: pass cache=None (generate and "
             "forward create one; reuse `output.cache`) or a cache returned by an earlier call"
         )
     return cache
-
-
-def split_by_sample(
-    frames: torch.Tensor, input_ids: torch.Tensor, token_id: int, tokens_per_frame: int
-) -> tuple[torch.Tensor, ...]:
-    """Frames `[n, 3, H, W]`, sample after sample, split by each sample's number of `token_id` tokens in
-    `input_ids` `[batch, seq]` (whole frames or tiles)."""
-    return frames.split(((input_ids == token_id).sum(dim=1) // tokens_per_frame).tolist())
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,13 +159,16 @@ class Step:
     """Columns `[start, end)` of `input_ids` run as one forward.
 
     A text step (`ratio == 0`) is kept whole. A window step holds visual tokens of one kind (`token_id`), gets one
-    VST after every `ratio` of them, and keeps only its VSTs.
+    VST after every `ratio` of them, and keeps only its VSTs; `visual_offset` visual tokens of its kind come before
+    it in each sample (in this call), `tokens_per_frame` of them per frame or tile.
     """
 
     start: int
     end: int
     token_id: int | None = None
     ratio: int = 0
+    visual_offset: int = 0
+    tokens_per_frame: int = 0
 
     @property
     def is_window(self) -> bool:
@@ -161,14 +182,27 @@ class Step:
     def num_rows(self) -> int:
         return self.end - self.start + self.num_vsts
 
+    @property
+    def frames(self) -> tuple[int, int]:
+        """Frames `[first, last)` (of each sample's frames of this kind) whose tokens are in the window."""
+        end = self.visual_offset + self.end - self.start
+        return self.visual_offset // self.tokens_per_frame, -(-end // self.tokens_per_frame)
+
+    @property
+    def new_frames(self) -> tuple[int, int]:
+        """Frames `[first, last)` that start inside the window (the ones it adds to the memory's record)."""
+        return -(-self.visual_offset // self.tokens_per_frame), self.frames[1]
+
     def vst_rows(self, device: torch.device) -> torch.Tensor:
         """Rows of the VSTs in the interleaved window: a VST closes every group of `ratio` visual tokens."""
         return torch.arange(1, self.num_vsts + 1, device=device) * (self.ratio + 1) - 1
 
     def rows_of_columns(self, columns: torch.Tensor) -> torch.Tensor:
         """Row in this step of each input column (columns must lie inside the step)."""
+        if not self.is_window:
+            return columns if self.start == 0 else columns - self.start
         offset = columns - self.start
-        return offset + offset // self.ratio if self.is_window else offset
+        return offset + offset // self.ratio
 
 
 class RatioSchedule:
@@ -210,16 +244,16 @@ class RatioSchedule:
 
 def allowed_ratios(config: VideoXLConfig) -> list[int]:
     """Ratios that divide every window: the window length and the tokens of one frame or tile."""
-    unit = torch.gcd(torch.tensor(config.beacon_window), torch.tensor(config.tokens_per_frame)).item()
+    unit = math.gcd(config.beacon_window, config.tokens_per_frame)
     return [r for r in range(1, unit + 1) if unit % r == 0]
 
 
 def check_ratio(ratio: int, config: VideoXLConfig) -> int:
-    allowed = allowed_ratios(config)
-    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio not in allowed:
+    valid = isinstance(ratio, int) and not isinstance(ratio, bool) and ratio >= 1
+    if not valid or math.gcd(config.beacon_window, config.tokens_per_frame) % ratio:  # runs on every call: no list
         raise ValueError(
             f"compression_ratio must divide the window of {config.beacon_window} tokens and a frame of "
-            f"{config.tokens_per_frame} tokens; allowed values: {allowed}, got {ratio!r}"
+            f"{config.tokens_per_frame} tokens; allowed values: {allowed_ratios(config)}, got {ratio!r}"
         )
     return ratio
 
@@ -238,19 +272,14 @@ def visual_runs(token_row: torch.Tensor, visual_ids: tuple[int, ...]) -> list[tu
     return list(zip(starts, ends, token_row[run_starts[visual]].tolist()))
 
 
-def plan_steps(
-    input_ids: torch.Tensor, config: VideoXLConfig, ratio_for_window: Callable[[], int]
-) -> list[Step]:
+def plan_steps(input_ids: torch.Tensor, config: VideoXLConfig, ratio_for_window: Callable[[], int]) -> list[Step]:
     """Cut `input_ids` `[batch, seq]` into text steps and visual windows of `beacon_window` tokens.
 
-    One plan serves the batch: every sample must have the same kind of visual token in the same columns
-    ([`same_layout`]; `VideoXLModel.forward` runs other batches sample by sample).
+    One plan serves the batch: every sample must have the same kind of visual token in the same columns (the
+    caller checks [`same_layout`]; `VideoXLModel.forward` runs other batches sample by sample).
     """
-    visual_ids = (config.video_token_id, config.image_token_id)
-    if not same_layout(input_ids, visual_ids):
-        raise ValueError("plan_steps needs samples with the same visual layout; run the others one at a time")
-    steps, cursor = [], 0
-    for start, end, token_id in visual_runs(input_ids[0], visual_ids):
+    steps, cursor, visual_seen = [], 0, {}
+    for start, end, token_id in visual_runs(input_ids[0], tuple(visual_kinds(config).values())):
         if start > cursor:
             steps.append(Step(cursor, start))
         for window_start in range(start, end, config.beacon_window):
@@ -261,100 +290,13 @@ def plan_steps(
                     f"A visual window of {window_end - window_start} tokens is not divisible by the compression "
                     f"ratio {ratio}: visual spans must be whole frames of {config.tokens_per_frame} tokens."
                 )
-            steps.append(Step(window_start, window_end, token_id, ratio))
+            offset = visual_seen.get(token_id, 0)
+            steps.append(Step(window_start, window_end, token_id, ratio, offset, config.tokens_per_frame))
+            visual_seen[token_id] = offset + window_end - window_start
         cursor = end
     if cursor < input_ids.shape[1]:
         steps.append(Step(cursor, input_ids.shape[1]))
     return steps
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Input checks: bad input gets one clear error before anything runs
-# --------------------------------------------------------------------------------------------------------------------
-
-# CLIP-normalised pixels of images in [0, 1] lie in about [-1.8, 2.2]; the bound leaves room for other
-# normalisations and random test tensors, and still catches unnormalised 0..255 pixels.
-PIXEL_LIMIT = 10.0
-
-
-def same_layout(input_ids: torch.Tensor, visual_ids: tuple[int, ...]) -> bool:
-    """Whether every sample of `input_ids` `[batch, seq]` holds the same kind of visual token (video or image) in
-    the same columns, so that one plan of windows serves them all."""
-    kinds = input_ids.masked_fill(~torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device)), -1)
-    return bool((kinds == kinds[:1]).all())
-
-
-def check_input_ids(input_ids: torch.Tensor | None, config: VideoXLConfig) -> None:
-    """`input_ids` must be a non-empty `[batch, seq]` tensor of token ids of the vocabulary or visual token ids."""
-    if input_ids is None:
-        raise ValueError("Pass input_ids (or inputs_embeds for a text-only prompt).")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    if input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per sample.")
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    vocab = config.text_config.vocab_size
-    visual_ids = torch.tensor([config.video_token_id, config.image_token_id], device=input_ids.device)
-    outside = ((input_ids < 0) | (input_ids >= vocab)) & ~torch.isin(input_ids, visual_ids)
-    if outside.any():
-        sample, column = outside.nonzero()[0].tolist()
-        raise ValueError(
-            f"input_ids holds {int(outside.sum())} id(s) outside the vocabulary [0, {vocab}) that are not visual "
-            f"token ids, e.g. {int(input_ids[sample, column])} at sample {sample}, column {column}."
-        )
-
-
-def check_inputs_embeds(
-    input_ids: torch.Tensor | None,
-    inputs_embeds: torch.Tensor,
-    pixel_values_videos: torch.Tensor | None,
-    pixel_values: torch.Tensor | None,
-) -> None:
-    """`inputs_embeds` `[batch, seq, hidden]` replaces `input_ids` for text only: the ids say where the visual
-    windows are, which embeddings cannot."""
-    if input_ids is not None:
-        raise ValueError("Pass either input_ids or inputs_embeds, not both.")
-    if pixel_values_videos is not None or pixel_values is not None:
-        raise ValueError(
-            "inputs_embeds works for text-only prompts: a visual prompt needs input_ids, because the video and "
-            "image token ids mark where each window of frames goes and how it is compressed."
-        )
-    if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
-        raise ValueError(f"inputs_embeds must be a non-empty [batch, seq, hidden], got {tuple(inputs_embeds.shape)}")
-
-
-def check_output_attentions(output_attentions: bool | None) -> None:
-    if output_attentions:
-        raise ValueError(
-            "output_attentions is not supported: each window attends to a compressed memory that changes from "
-            "window to window, so there is no [seq, seq] attention map to return. Use output_hidden_states."
-        )
-
-
-def check_pixel_values(name: str, pixels: torch.Tensor) -> None:
-    """Pixels must be CLIP-normalised floats: finite and in a plausible range (one pass over the pixels)."""
-    if not pixels.is_floating_point():
-        raise ValueError(
-            f"{name} must be CLIP-normalised floating-point pixels (the processor's output), got dtype "
-            f"{pixels.dtype}: raw 0..255 frames need the processor."
-        )
-    low, high = (value.item() for value in torch.aminmax(pixels))
-    if not (math.isfinite(low) and math.isfinite(high)):  # min and max propagate NaN
-        raise ValueError(f"{name} holds NaN or infinite values.")
-    if low < -PIXEL_LIMIT or high > PIXEL_LIMIT:
-        raise ValueError(
-            f"{name} ranges over [{low:.4g}, {high:.4g}]; CLIP-normalised pixels lie in about [-1.8, 2.2] "
-            f"(refused beyond +-{PIXEL_LIMIT:g}). Were they normalised? Raw 0..255 frames need the processor."
-        )
-    if low >= 0.0 and high <= 1.0:
-        # Normalised pixels go below 0 wherever a channel is darker than its CLIP mean (about 117 of 255) and above
-        # 1 where it is brighter than mean + std (about 190): only frames of nothing but mid tones land in [0, 1].
-        raise ValueError(
-            f"{name} lies entirely in [0, 1] ([{low:.4g}, {high:.4g}]): pixels scaled to 0..1 but not CLIP-normalised? "
-            "Normalised frames hold negative values wherever a channel is darker than its CLIP mean. Use the "
-            "processor, or subtract the CLIP mean and divide by its std."
-        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -600,6 +542,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         )
         self.ratio_schedule = RatioSchedule(config.ratio_seed)
         self._warned_positions = False
+        self._identity: str | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -612,7 +555,18 @@ class VideoXLModel(VideoXLPreTrainedModel):
         """Reseed the draw of per-window training ratios (same seed on every process keeps ranks in step)."""
         self.ratio_schedule.reseed(seed)
 
-    # ---- visual features ---------------------------------------------------------------------------------------
+    @property
+    def identity(self) -> str:
+        """[`model_identity`] of the config, computed once: it names this model in every cache it writes."""
+        if self._identity is None:
+            self._identity = model_identity(self.config)
+        return self._identity
+
+    def new_cache(self) -> BeaconCache:
+        """An empty cache bound to this model."""
+        return BeaconCache(len(self.layers), model_id=self.identity)
+
+    # ---- one step ----------------------------------------------------------------------------------------------
 
     def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frames or tiles `[n, 3, H, W]` -> LLM inputs `[n, tokens_per_frame, hidden]`: CLIP -> projector."""
@@ -621,31 +575,16 @@ class VideoXLModel(VideoXLPreTrainedModel):
         patch_weight = self.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight
         return self.mm_projector(self.vision_tower(pixel_values.to(placed_device(patch_weight, pixel_values.device))))
 
-    def window_features(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """LLM inputs `[batch, window_tokens, hidden]` for one window. Only this window's frames go through CLIP.
-
-        `visual_offset`: visual tokens of this kind before the window in a sample; `pixels` `[frames, 3, H, W]`
-        holds the frames of all samples, sample after sample.
-        """
-        per_frame = self.config.tokens_per_frame
-        first, last = visual_offset // per_frame, -(-(visual_offset + step.end - step.start) // per_frame)
-        # A view of the pixels for one sample (a copy would be kept for the patch embedding's backward, per window).
-        features = self.encode_frames(pixels.unflatten(0, (batch_size, -1))[:, first:last].flatten(0, 1))
-        features = features.reshape(batch_size, (last - first) * per_frame, -1)
-        skip = visual_offset - first * per_frame
-        return features[:, skip : skip + step.end - step.start]
-
-    # ---- one step ----------------------------------------------------------------------------------------------
-
-    def embed_step(
-        self, step: Step, input_ids: torch.Tensor, visual_inputs: dict[int, torch.Tensor], visual_offset: int
-    ) -> torch.Tensor:
-        """Inputs of one step `[batch, rows, hidden]`: token embeddings, or window features interleaved with VSTs."""
+    def embed_step(self, step: Step, input_ids: torch.Tensor, visual: VisualInputs | None) -> torch.Tensor:
+        """Inputs of one step `[batch, rows, hidden]`: token embeddings, or window features interleaved with VSTs.
+        Only the window's frames go through CLIP."""
         if not step.is_window:
             return self.embed_tokens(input_ids[:, step.start : step.end])
-        batch = input_ids.shape[0]
-        features = self.window_features(step, visual_offset, visual_inputs[step.token_id], batch)
-        groups = features.reshape(batch, step.num_vsts, step.ratio, -1)
+        batch, per_frame = input_ids.shape[0], self.config.tokens_per_frame
+        first, last = step.frames
+        features = self.encode_frames(visual.window(step.token_id, step.frames)).reshape(batch, (last - first) * per_frame, -1)
+        skip = step.visual_offset - first * per_frame
+        groups = features[:, skip : skip + step.end - step.start].reshape(batch, step.num_vsts, step.ratio, -1)
         # Called as a module (not `.weight`) so that offload hooks can bring the weight in.
         vst_index = torch.zeros(1, dtype=torch.long, device=placed_device(self.beacon_embed_tokens.weight, groups.device))
         vst = self.beacon_embed_tokens(vst_index).to(groups.device, groups.dtype).expand(batch, step.num_vsts, 1, -1)
@@ -658,14 +597,14 @@ class VideoXLModel(VideoXLPreTrainedModel):
         None where nothing is padded and the attention builds the pattern itself: a single row, flash-attn, and sdpa
         (`memory_causal_attention`), so no mask, which grows with the memory, is materialised.
         """
-        key_valid = row_valid if key_mask is None else torch.cat([key_mask.bool(), row_valid], dim=1)
-        if key_valid.all() and (row_valid.shape[1] == 1 or self.config._attn_implementation == "sdpa"):
+        padded = not bool(row_valid.all()) or (key_mask is not None and not bool(key_mask.all()))
+        if not padded and (row_valid.shape[1] == 1 or self.config._attn_implementation == "sdpa"):
             return None
         if self.config._attn_implementation == "flash_attention_2":
-            if not key_valid.all():
+            if padded:
                 raise ValueError("flash_attention_2 does not support padded batches here; use sdpa or eager.")
             return None  # flash-attn aligns its causal mask to the end of the keys: memory is fully visible
-        return key_valid
+        return row_valid if key_mask is None else torch.cat([key_mask, row_valid], dim=1)
 
     def step_positions(self, step: Step, row_valid: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Compact positions `[batch, rows]`: each valid row counts the valid rows before it, memory included."""
@@ -710,14 +649,39 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 layer_states.append(hidden_states)
         return hidden_states, kept
 
-    def window_digests(self, step: Step, visual_offset: int, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Fingerprints `[batch, frames, 2]` of the frames that start inside a window (see `frame_digests`), taken
-        on the model's device (host pixels are copied there anyway to be encoded)."""
-        per_frame = self.config.tokens_per_frame
-        first, end = -(-visual_offset // per_frame), -(-(visual_offset + step.end - step.start) // per_frame)
-        per_sample = pixels.reshape(batch_size, -1, *pixels.shape[-3:])
-        device = placed_device(self.embed_tokens.weight, pixels.device)
-        return torch.stack([frame_digests(sample[first:end].to(device)) for sample in per_sample])
+    def run_step(
+        self,
+        step: Step,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None,
+        visual: VisualInputs | None,
+        valid: torch.Tensor,
+        cache: BeaconCache,
+        layer_states: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Embed one step, run it through every layer against the memory and commit what the keep rule keeps.
+        Returns the hidden states of its rows `[batch, rows, hidden]` (before the final norm); with `layer_states`
+        (a list) the input and every layer's output are appended to it."""
+        if inputs_embeds is not None:
+            hidden_states = inputs_embeds[:, step.start : step.end]
+        else:
+            hidden_states = self.embed_step(step, input_ids, visual)
+        if layer_states is not None:
+            layer_states.append(hidden_states)
+        row_valid = self.row_validity(step, valid)
+        base = cache.next_positions()
+        base = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device) if base is None else base
+        key_valid = self.step_key_validity(row_valid, cache.key_mask)
+        positions = self.step_positions(step, row_valid, base)
+        hidden_states, kept = self.run_layers(hidden_states, cache, step, positions, key_valid, base, layer_states)
+        step_ids = input_ids[:, step.start : step.end]
+        if step.is_window:
+            digests = visual.digests(step.token_id, step.new_frames, placed_device(self.embed_tokens.weight, input_ids.device))
+            kept_valid = row_valid[:, step.vst_rows(row_valid.device)]
+            cache.commit(kept, kept_valid, step_ids, ratio=step.ratio, digests=(step.token_id, digests))
+        else:
+            cache.commit(kept, row_valid, step_ids)
+        return hidden_states
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
@@ -744,6 +708,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             pixel_values_videos: `[videos, frames, 3, H, W]` or `[frames, 3, H, W]`: frames of every video in
                 order of appearance, sample after sample; `frames_total * tokens_per_frame` video tokens.
             pixel_values: image tiles `[tiles, 3, H, W]` (or with a leading image dim), in the same order.
+            cache: the memory to continue; it is extended in place (also for a batch of mixed layouts).
             compression_ratio: one ratio for every window; None draws per window in training, else the config's.
             output_columns: sorted columns `[n]` whose final hidden states are returned; None = all.
             inputs_embeds: `[batch, seq, hidden]` instead of `input_ids`, for text only (where the visual windows
@@ -760,65 +725,86 @@ class VideoXLModel(VideoXLPreTrainedModel):
         check_output_attentions(self.config.output_attentions if output_attentions is None else output_attentions)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if inputs_embeds is not None:
-            check_inputs_embeds(input_ids, inputs_embeds, pixel_values_videos, pixel_values)
-            # Text only (checked): the ids only give the layout, which is one text step.
-            input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if cache is None:
+            cache = self.new_cache()
         else:
-            check_input_ids(input_ids, self.config)
-        batch, length = input_ids.shape
-        cache = check_beacon_cache(cache) if cache is not None else BeaconCache(len(self.layers))
-        cache.bind(model_identity(self.config))
-        self.check_run_continues(cache, input_ids)
-        visual_inputs = self.check_visual_inputs(input_ids, pixel_values_videos, pixel_values)
+            check_beacon_cache(cache).bind(self.identity)
+        input_ids, visual = self.checked_inputs(input_ids, inputs_embeds, pixel_values_videos, pixel_values, cache)
         valid = self.input_validity(attention_mask, input_ids)
-        if not same_layout(input_ids, (self.config.video_token_id, self.config.image_token_id)):
+        if visual is not None and not same_layout(input_ids, tuple(visual_kinds(self.config).values())):
             return self.forward_per_sample(
-                input_ids, valid, visual_inputs, cache, compression_ratio, output_columns, use_cache,
-                output_hidden_states,
+                input_ids, valid, visual, cache, compression_ratio, output_columns, use_cache, output_hidden_states
             )
-        steps = plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
-        columns = torch.arange(length, device=input_ids.device) if output_columns is None else output_columns
+        steps = self.plan(input_ids, visual, compression_ratio)
 
-        outputs, visual_seen, kept_states = [], {token_id: 0 for token_id in visual_inputs}, []
+        outputs, kept_states = [], []
         for step in steps:
-            if inputs_embeds is not None:
-                hidden_states = inputs_embeds[:, step.start : step.end]
+            layer_states = [] if output_hidden_states else None
+            hidden_states = self.run_step(step, input_ids, inputs_embeds, visual, valid, cache, layer_states)
+            if output_columns is None and not step.is_window:
+                outputs.append(self.norm(hidden_states))
             else:
-                hidden_states = self.embed_step(step, input_ids, visual_inputs, visual_seen.get(step.token_id, 0))
-            row_valid = self.row_validity(step, valid)
-            base = cache.valid_length()
-            base = torch.zeros(batch, dtype=torch.long, device=input_ids.device) if base is None else base
-            key_valid = self.step_key_validity(row_valid, cache.key_mask)
-            positions = self.step_positions(step, row_valid, base)
-            layer_states = [hidden_states] if output_hidden_states else None
-            hidden_states, kept = self.run_layers(hidden_states, cache, step, positions, key_valid, base, layer_states)
-            step_ids = input_ids[:, step.start : step.end]
-            if step.is_window:
-                offset = visual_seen[step.token_id]
-                digests = (step.token_id, self.window_digests(step, offset, visual_inputs[step.token_id], batch))
-                kept_valid = row_valid[:, step.vst_rows(input_ids.device)]
-                cache.commit(kept, kept_valid, step_ids, ratio=step.ratio, digests=digests)
-                visual_seen[step.token_id] += step.end - step.start
-            else:
-                cache.commit(kept, row_valid, step_ids)
-            wanted = columns[(columns >= step.start) & (columns < step.end)]
-            if wanted.numel():
-                outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
+                wanted = self.columns_of_step(step, output_columns, len(steps) == 1, hidden_states.device)
+                if wanted.numel():
+                    outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
             if output_hidden_states:
                 kept_states.append(self.kept_rows(step, layer_states))
         self.warn_beyond_max_positions(cache)
         return BaseModelOutputWithPast(
-            last_hidden_state=torch.cat(outputs, dim=1) if outputs else None,
+            last_hidden_state=torch.cat(outputs, dim=1) if len(outputs) > 1 else (outputs[0] if outputs else None),
             hidden_states=self.kept_hidden_states(kept_states) if output_hidden_states else None,
             **cache_field(cache if use_cache is not False else None),
         )
+
+    @staticmethod
+    def columns_of_step(
+        step: Step, output_columns: torch.Tensor | None, single: bool, device: torch.device
+    ) -> torch.Tensor:
+        """The output columns `[n]` inside a step (all of its columns when `output_columns` is None)."""
+        if output_columns is None:
+            return torch.arange(step.start, step.end, device=device)
+        if single:
+            return output_columns
+        return output_columns[(output_columns >= step.start) & (output_columns < step.end)]
+
+    def checked_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values_videos: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        cache: BeaconCache,
+    ) -> tuple[torch.Tensor, VisualInputs | None]:
+        """(`input_ids` `[batch, seq]`, the visual inputs or None for a text-only call), after the checks.
+
+        A call with neither pixels nor visual tokens (every decode step) is checked only for its ids; with
+        `inputs_embeds` (text only) the ids are placeholders that give the layout.
+        """
+        if inputs_embeds is not None:
+            check_inputs_embeds(input_ids, inputs_embeds, pixel_values_videos, pixel_values)
+            return torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device), None
+        no_pixels = pixel_values_videos is None and pixel_values is None
+        if no_pixels and input_ids is not None and is_plain_text(input_ids, self.config):
+            return input_ids, None
+        check_input_ids(input_ids, self.config)
+        self.check_run_continues(cache, input_ids)
+        pixels = {"pixel_values_videos": pixel_values_videos, "pixel_values": pixel_values}
+        visual = VisualInputs.from_pixels(input_ids, pixels, self.config)
+        visual.check_values(self.config)
+        return input_ids, visual
+
+    def plan(self, input_ids: torch.Tensor, visual: VisualInputs | None, compression_ratio: int | None) -> list[Step]:
+        """The steps of one call: a text-only call is one text step; else [`plan_steps`]."""
+        ratio_for_window = self.ratio_sampler(compression_ratio)
+        if visual is None:
+            return [Step(0, input_ids.shape[1])]
+        return plan_steps(input_ids, self.config, ratio_for_window)
 
     def forward_per_sample(
         self,
         input_ids: torch.Tensor,
         valid: torch.Tensor,
-        visual_inputs: dict[int, torch.Tensor],
+        visual: VisualInputs,
         cache: BeaconCache,
         compression_ratio: int | None,
         output_columns: torch.Tensor | None,
@@ -827,12 +813,12 @@ class VideoXLModel(VideoXLPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """A batch of prompts with different layouts (other frame counts, videos beside images or text, other
         question lengths): each sample runs alone, with its own windows, ratios and positions, and the samples'
-        caches are stacked into one padded cache ([`BeaconCache.stack`]) that the batch decodes from.
+        caches are stacked into `cache` (one padded memory, [`BeaconCache.stack`]) that the batch decodes from.
 
         A sample runs on its own tokens only (exactly as alone); outputs at its padding columns are zeros, and
         `hidden_states` rows are left-padded with zeros like the cache.
         """
-        if cache.seen_tokens:
+        if cache.record.absorbed_length:
             raise ValueError(
                 "prompts with different layouts (visual tokens of other kinds or in other columns) share a batch only "
                 "from an empty cache: pass cache=None, or run them one at a time."
@@ -840,7 +826,6 @@ class VideoXLModel(VideoXLPreTrainedModel):
         batch, length = input_ids.shape
         device = input_ids.device
         columns = torch.arange(length, device=device) if output_columns is None else output_columns
-        frames = self.frames_per_sample(input_ids, visual_inputs)
         caches, states, kept_states = [], [], []
         for i in range(batch):
             run_columns = valid[i].nonzero().squeeze(1)
@@ -849,8 +834,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             wanted = local[columns] >= 0
             out = self(
                 input_ids[i : i + 1, run_columns],
-                pixel_values_videos=frames[i].get(self.config.video_token_id),
-                pixel_values=frames[i].get(self.config.image_token_id),
+                **visual.sample(i).as_arguments(self.config),
                 compression_ratio=compression_ratio,
                 output_columns=local[columns][wanted],
                 output_hidden_states=output_hidden_states,
@@ -870,30 +854,12 @@ class VideoXLModel(VideoXLPreTrainedModel):
             rows = max(sample[0].shape[1] for sample in kept_states)
             pad = lambda t: nn.functional.pad(t, (0, 0, rows - t.shape[1], 0))  # noqa: E731
             hidden_states = tuple(torch.cat([pad(t) for t in layer]) for layer in zip(*kept_states))
+        cache.stack(caches, input_ids, valid)
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(states) if states else None,
             hidden_states=hidden_states,
-            **cache_field(BeaconCache.stack(caches, input_ids, valid) if use_cache is not False else None),
+            **cache_field(cache if use_cache is not False else None),
         )
-
-    def frames_per_sample(
-        self, input_ids: torch.Tensor, visual_inputs: dict[int, torch.Tensor]
-    ) -> list[dict[int, torch.Tensor]]:
-        """Split each kind's frames `[n, 3, H, W]` (sample after sample) by the samples' visual token counts."""
-        per_frame = self.config.tokens_per_frame
-        samples = [{} for _ in range(input_ids.shape[0])]
-        for token_id, frames in visual_inputs.items():
-            counts = (input_ids == token_id).sum(dim=1)
-            if (counts % per_frame).any():
-                sample = int((counts % per_frame).nonzero()[0])
-                raise ValueError(
-                    f"sample {sample} has {int(counts[sample])} tokens with id {token_id}: not whole frames or tiles "
-                    f"of {per_frame} tokens"
-                )
-            for sample, chunk in zip(samples, split_by_sample(frames, input_ids, token_id, per_frame)):
-                if chunk.shape[0]:
-                    sample[token_id] = chunk
-        return samples
 
     # ---- standard outputs --------------------------------------------------------------------------------------
 
@@ -919,7 +885,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         limit = self.config.text_config.max_position_embeddings
         if self._warned_positions or cache.get_seq_length() <= limit:  # the kept length bounds the positions
             return
-        positions = int(cache.valid_length().max())
+        positions = int(cache.next_positions().max())
         if positions > limit:
             self._warned_positions = True
             logger.warning(
@@ -934,13 +900,14 @@ class VideoXLModel(VideoXLPreTrainedModel):
         """Refuse to continue a visual run whose last window in the cache was partial: its windows would be cut
         where one prompt would not cut them (a run may go on across calls only after whole windows, as live
         ingestion and a retried prompt do)."""
-        if cache.seen_tokens == 0 or input_ids.shape[1] == 0:
+        absorbed = cache.record.absorbed_ids
+        if absorbed is None or input_ids.shape[1] == 0:
             return
-        last = cache.absorbed_ids[0, -1]
-        if int(last) not in (self.config.video_token_id, self.config.image_token_id) or input_ids[0, 0] != last:
+        last = absorbed[0, -1]
+        if int(last) not in visual_kinds(self.config).values() or input_ids[0, 0] != last:
             return
-        others = (cache.absorbed_ids[0] != last).nonzero()
-        run = cache.seen_tokens - (int(others[-1]) + 1 if others.numel() else 0)
+        others = (absorbed[0] != last).nonzero()
+        run = absorbed.shape[1] - (int(others[-1]) + 1 if others.numel() else 0)
         if run % self.config.beacon_window:
             raise ValueError(
                 f"input_ids continue a visual run of {run} tokens that the cache closed with a partial window (windows "
@@ -983,38 +950,6 @@ class VideoXLModel(VideoXLPreTrainedModel):
             return columns
         groups = columns.reshape(columns.shape[0], step.num_vsts, step.ratio)
         return torch.cat([groups, groups[:, :, -1:]], dim=2).flatten(1)
-
-    def check_visual_inputs(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values_videos: torch.Tensor | None,
-        pixel_values: torch.Tensor | None,
-    ) -> dict[int, torch.Tensor]:
-        """Map each visual token id to its frames `[n, 3, H, W]`, checking that token and frame counts agree."""
-        inputs = {}
-        for name, token_id, pixels in (
-            ("pixel_values_videos", self.config.video_token_id, pixel_values_videos),
-            ("pixel_values", self.config.image_token_id, pixel_values),
-        ):
-            num_tokens = int((input_ids == token_id).sum())
-            frames = None if pixels is None else pixels.reshape(-1, *pixels.shape[-3:])
-            num_frames = 0 if frames is None else frames.shape[0]
-            if num_tokens != num_frames * self.config.tokens_per_frame:
-                raise ValueError(
-                    f"{name} holds {num_frames} frames/tiles = {num_frames * self.config.tokens_per_frame} visual "
-                    f"tokens, but input_ids has {num_tokens} tokens with id {token_id}"
-                    f" ({self.config.tokens_per_frame} tokens per frame or tile)"
-                )
-            if num_frames:
-                size = self.config.vision_config.image_size
-                if pixels.dim() not in (4, 5) or tuple(pixels.shape[-3:]) != (3, size, size):
-                    raise ValueError(
-                        f"{name} must be [n, 3, {size}, {size}] or [videos, n, 3, {size}, {size}], "
-                        f"got {tuple(pixels.shape)}"
-                    )
-                check_pixel_values(name, pixels)
-                inputs[token_id] = frames
-        return inputs
 
 
 class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
@@ -1089,8 +1024,8 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         Args:
             input_ids: `[batch, seq]` with one `video_token_id` per video token (frames x 144) and one
                 `image_token_id` per image token (tiles x 144), as the processor writes them.
-            image_sizes: `[images, 2]` original image sizes from the processor; the tiles already carry everything
-                the model needs, so they are accepted and not used.
+            image_sizes: `[images, 2]`, the processor's record of the images' sizes, taken so that
+                `model(**processor(...))` works; the tiles already carry everything the model needs.
             cache: a [`BeaconCache`] to continue from (its memory is extended in place).
             past_key_values: the same as `cache`, under the name transformers used before 5.24.
             labels: `[batch, seq]` next-token labels (-100 = ignored). Logits are then computed only where a label
@@ -1174,7 +1109,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         rename_cache_kwarg(model_kwargs)
         if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
-            model_kwargs[CACHE_NAME] = BeaconCache(self.config.text_config.num_hidden_layers)
+            model_kwargs[CACHE_NAME] = self.model.new_cache()
             drop_rollback_cache_request(generation_config)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
@@ -1188,96 +1123,86 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     ) -> dict:
         """Feed only the columns the cache has not absorbed, with the pixels of the visual tokens among them.
 
-        A reused cache is first aligned with `input_ids` ([`BeaconCache.align`]): they must start with everything it
-        holds up to its last compressed window (else a `ValueError`); raw text after it that they do not repeat is
-        rewound. Pixels may cover every visual token of `input_ids` (the frames the cache holds are then checked
-        against it, on the first call of a `generate`, and skipped) or only those not absorbed yet.
+        On the first call of a `generate`, a reused cache is aligned with `input_ids` ([`BeaconCache.align`]): they
+        must start with everything it holds up to its last compressed window (else a `ValueError`); raw text after
+        it that they do not repeat is rewound. Pixels may cover every visual token of `input_ids` (the frames the
+        cache holds are then checked against it and skipped) or only those not absorbed yet. Later calls feed the
+        generated tokens, which the cache continues by construction, and no pixels.
 
         `generate` passes the cache under this transformers' name (`compat_videoxl.CACHE_NAME`); both names are
         declared so that its argument check accepts a user's cache under either.
         """
         cache = take_cache(cache, past_key_values)
+        # From 5.24 the library names the calls after the prefill (`next_sequence_length`); they feed the tokens it
+        # generated, which continue the cache by construction. Every other call is checked in full.
+        continuing = kwargs.get("next_sequence_length") is not None and not kwargs.get("is_first_iteration")
+        absorbed = 0 if cache is None else check_beacon_cache(cache).record.absorbed_length
+        if not (continuing and 0 < absorbed < input_ids.shape[1]):
+            return self.prefill_inputs(input_ids, cache, attention_mask, kwargs)
+        return {"input_ids": input_ids[:, absorbed:], "cache": cache, "attention_mask": attention_mask,
+                **model_options(kwargs)}
+
+    def prefill_inputs(
+        self, input_ids: torch.Tensor, cache: BeaconCache | None, attention_mask: torch.Tensor | None, kwargs: dict
+    ) -> dict:
+        """The inputs of a prefill from `generate`: the columns (and pixels) the cache has not absorbed."""
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: generate needs at least one token of prompt")
-        fresh = kwargs.get("is_first_iteration") or cache is None or cache.seen_tokens == 0
+        fresh = kwargs.get("is_first_iteration") or cache is None or cache.record.absorbed_length == 0
         if fresh and attention_mask is not None and not attention_mask[:, -1].all():
             raise ValueError(
                 "generate got a right-padded batch (a prompt ends in padding, so its next token would follow the "
                 "padding): pad on the left for generation (the processor does by default: padding_side='left')."
             )
-        seen = 0
+        absorbed = 0
         if cache is not None:
             check_beacon_cache(cache).align(input_ids)
-            seen = cache.seen_tokens
-        new_ids = input_ids[:, seen:]
-        model_inputs = {"input_ids": new_ids, "cache": cache, "attention_mask": attention_mask}
-        for key, value in kwargs.items():
-            if key in ("next_sequence_length", "is_first_iteration", "position_ids", "inputs_embeds", "cache_position"):
-                continue
-            if key in VISUAL_INPUT_NAMES:
-                continue
-            model_inputs[key] = value
-        model_inputs.update(self.unabsorbed_visual_inputs(input_ids, seen, cache, kwargs))
-        return model_inputs
-
-    def unabsorbed_visual_inputs(
-        self, input_ids: torch.Tensor, seen: int, cache: BeaconCache | None, kwargs: dict
-    ) -> dict[str, torch.Tensor]:
-        """The pixels of the visual tokens in `input_ids[:, seen:]` (see `prepare_inputs_for_generation`); samples
-        may hold different numbers of frames."""
-        per_frame = self.config.tokens_per_frame
-        inputs = {}
-        if seen == 0 and kwargs.get("image_sizes") is not None:
-            inputs["image_sizes"] = kwargs["image_sizes"]
-        for name, token_id in (
-            ("pixel_values_videos", self.config.video_token_id),
-            ("pixel_values", self.config.image_token_id),
-        ):
-            pixels = kwargs.get(name)
-            if pixels is None:
-                continue
-            total = (input_ids == token_id).sum(dim=1)
-            new = (input_ids[:, seen:] == token_id).sum(dim=1)
-            absorbed = total - new
-            if not absorbed.any():  # none of them in the cache yet: every frame runs
-                inputs[name] = pixels
-                continue
-            frames = pixels.reshape(-1, *pixels.shape[-3:])
-            given = frames.shape[0] * per_frame
-            if given == int(total.sum()):
-                if (absorbed % per_frame).any():
-                    raise ValueError(f"the cache ends inside a frame of {name} ({absorbed.tolist()} tokens absorbed)")
-                skip = (absorbed // per_frame).tolist()
-                per_sample = split_by_sample(frames, input_ids, token_id, per_frame)
-                if kwargs.get("is_first_iteration"):
-                    cache.check_frames(token_id, [sample[:n] for sample, n in zip(per_sample, skip)])
-                frames = torch.cat([sample[n:] for sample, n in zip(per_sample, skip)])
-            elif given != int(new.sum()):
-                raise ValueError(
-                    f"{name} holds {given // per_frame} frames: expected the frames of all "
-                    f"{int(total.sum()) // per_frame} in input_ids, or of the {int(new.sum()) // per_frame} the cache "
-                    "has not absorbed yet"
-                )
-            if new.any():
-                inputs[name] = frames
+            absorbed = cache.record.absorbed_length
+        inputs = {"input_ids": input_ids[:, absorbed:], "cache": cache, "attention_mask": attention_mask,
+                  **model_options(kwargs)}
+        pixels = {name: kwargs.get(name) for name in visual_kinds(self.config)}
+        if any(value is not None for value in pixels.values()):
+            inputs.update(self.unabsorbed_pixels(input_ids, absorbed, cache, pixels, kwargs.get("is_first_iteration")))
         return inputs
+
+    def unabsorbed_pixels(
+        self,
+        input_ids: torch.Tensor,
+        absorbed: int,
+        cache: BeaconCache | None,
+        pixels: dict[str, torch.Tensor | None],
+        check_held_frames: bool,
+    ) -> dict[str, torch.Tensor]:
+        """The pixel arguments of the visual tokens in `input_ids[:, absorbed:]`, from `pixels` that cover either
+        every visual token of `input_ids` (the frames the cache holds are dropped, and checked against it with
+        `check_held_frames`) or only the new ones. Samples may hold different numbers of frames."""
+        per_frame = self.config.tokens_per_frame
+        if absorbed == 0:
+            return {name: value for name, value in pixels.items() if value is not None}
+        try:
+            visual = VisualInputs.from_pixels(input_ids, pixels, self.config)
+        except ValueError:
+            return VisualInputs.from_pixels(input_ids[:, absorbed:], pixels, self.config).as_arguments(self.config)
+        held = {}
+        for token_id, samples in visual.frames.items():
+            tokens = (input_ids[:, :absorbed] == token_id).sum(dim=1)
+            if (tokens % per_frame).any():
+                raise ValueError(f"the cache ends inside a frame (token id {token_id}; {tokens.tolist()} tokens absorbed)")
+            held[token_id] = (tokens // per_frame).tolist()
+            if check_held_frames:
+                cache.check_frames(token_id, [sample[:n] for sample, n in zip(samples, held[token_id])])
+        return visual.drop_first(held).as_arguments(self.config)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         """Repeat each sample's frames with the sample (the library's repeat would interleave frames of a video)."""
-        visuals = {name: model_kwargs.pop(name, None) for name in VISUAL_INPUT_NAMES}
+        pixels = {name: model_kwargs.pop(name, None) for name in visual_kinds(self.config)}
         expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
-        for name, token_id in (
-            ("pixel_values_videos", self.config.video_token_id),
-            ("pixel_values", self.config.image_token_id),
-        ):
-            pixels = visuals[name]
-            if pixels is not None and expand_size > 1:
-                frames = pixels.reshape(-1, *pixels.shape[-3:])
-                per_sample = split_by_sample(frames, input_ids, token_id, self.config.tokens_per_frame)
-                pixels = torch.cat([chunk for chunk in per_sample for _ in range(expand_size)])
-            model_kwargs[name] = pixels
+        if expand_size > 1 and any(value is not None for value in pixels.values()):
+            visual = VisualInputs.from_pixels(input_ids, pixels, self.config)
+            pixels = visual.repeat_samples(expand_size).as_arguments(self.config)
+        model_kwargs.update((name, value) for name, value in pixels.items() if value is not None)
         return expanded_ids, model_kwargs
 
     def save_pretrained(self, *args, **kwargs):

@@ -3,7 +3,8 @@
 The video is decoded and encoded once. Later prompts are tokenised without touching its pixels: the placeholders
 the cache already holds are expanded from the ids it absorbed (a run of visual tokens per video or image), and only
 new videos and images go through the processor. A cache remembers where each of its videos and images came from
-(`cache.media`), so a conversation about another video is refused instead of being answered from this memory.
+(its media notes, kept in `cache.record.media`: this module writes and reads them, the cache only keeps and saves
+them), so a conversation about another video is refused instead of being answered from this memory.
 
 The processor is used only through its public surface: `apply_chat_template(..., tokenize=False)`, `__call__` with
 text / videos / images, `tokenizer`, `video_token` and `image_token`.
@@ -26,11 +27,6 @@ from .video_decoding_videoxl import UrlPolicy, UrlStream, check_media_string, is
 
 
 SAMPLING_OPTIONS = ("num_frames", "fps", "max_frames", "video_fps")
-
-
-def cache_argument(cache: BeaconCache | None) -> dict[str, BeaconCache | None]:
-    """The keyword under which `generate` and `forward` take the cache: every call in this file passes it here."""
-    return {"cache": cache}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,9 +87,9 @@ def media_key(kind: str, source: Any, sampling: dict[str, Any]) -> str:
 
 def absorbed_runs(cache: BeaconCache, visual_ids: dict[int, str]) -> list[tuple[str, int]]:
     """(kind, tokens) of each run of visual tokens in the ids the cache absorbed (first sample)."""
-    if cache.seen_tokens == 0:
+    if cache.record.absorbed_length == 0:
         return []
-    row = cache.absorbed_ids[0].tolist()
+    row = cache.record.absorbed_ids[0].tolist()
     return [(visual_ids[token], len(list(run))) for token, run in groupby(row) if token in visual_ids]
 
 
@@ -157,7 +153,7 @@ def chat(
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=torch.ones_like(input_ids, device=device),
-        **cache_argument(cache),
+        cache=cache,
         **{name: value.to(device) for name, value in pixels.items()},
         **{"do_sample": False, **generate_kwargs},
         return_dict_in_generate=True,
@@ -165,12 +161,19 @@ def chat(
     new_runs = absorbed_runs(cache, visual_ids)[reused:]
     video_metadata = iter(tail.get("video_metadata") or [])
     for (kind, _), key, (_, tokens) in zip(items[reused:], keys[reused:], new_runs):
-        record = {"kind": kind, "source": key, "frames": tokens // config.tokens_per_frame}
-        if kind == "video":
-            record["timestamps"] = sampled_times(next(video_metadata, None))
-        cache.media.append(record)
+        times = sampled_times(next(video_metadata, None)) if kind == "video" else None
+        cache.record.media.append(media_note(kind, key, tokens // config.tokens_per_frame, times))
     answer = processor.tokenizer.decode(output.sequences[0, input_ids.shape[1] :], skip_special_tokens=True)
     return answer.strip(), cache
+
+
+def media_note(kind: str, source: str, frames: int, timestamps: list[float] | None = None) -> dict[str, Any]:
+    """The note a session keeps on one absorbed video or image (JSON-able; saved with the cache): its kind, the
+    [`media_key`] of its source, its frames or tiles, and for a video the seconds of each sampled frame."""
+    note = {"kind": kind, "source": source, "frames": frames}
+    if kind == "video":
+        note["timestamps"] = timestamps or []
+    return note
 
 
 def sampled_times(metadata) -> list[float]:
@@ -186,9 +189,10 @@ def check_reusable_media(
     compression_ratio: int | None,
 ) -> int:
     """How many of the messages' videos/images the cache already holds; refuse a cache about other media."""
-    if len(cache.media) != len(runs):
+    notes = cache.record.media
+    if len(notes) != len(runs):
         raise ValueError(
-            f"the cache holds {len(runs)} videos/images but records where only {len(cache.media)} came from (it was "
+            f"the cache holds {len(runs)} videos/images but records where only {len(notes)} came from (it was "
             "not written by chat, or a call was interrupted inside a video): pass cache=None"
         )
     if len(runs) > len(items):
@@ -196,15 +200,16 @@ def check_reusable_media(
             f"the cache holds {len(runs)} videos/images, the messages have only {len(items)}: it belongs to "
             "another conversation; pass cache=None"
         )
-    for i, (record, key) in enumerate(zip(cache.media, keys)):
-        if record["source"] != key:
+    for i, (note, key) in enumerate(zip(notes, keys)):
+        if note["source"] != key:
             raise ValueError(
-                f"{items[i][0]} {i} of the messages is not the one the cache encoded (cache: {record['source']}, "
+                f"{items[i][0]} {i} of the messages is not the one the cache encoded (cache: {note['source']}, "
                 f"messages: {key}): pass cache=None for another video or image"
             )
-    if runs and compression_ratio is not None and any(r != compression_ratio for r in cache.ratios):
+    ratios = cache.record.ratios
+    if runs and compression_ratio is not None and any(r != compression_ratio for r in ratios):
         raise ValueError(
-            f"the cache's visual memory was compressed at ratio(s) {sorted(set(cache.ratios))}, not "
+            f"the cache's visual memory was compressed at ratio(s) {sorted(set(ratios))}, not "
             f"compression_ratio={compression_ratio}: pass the same ratio, or cache=None to encode again"
         )
     return len(runs)
@@ -241,7 +246,7 @@ class LiveVideo:
         self.question_template = rest.replace("\x00", "{question}", 1)
         bos = processor.tokenizer.bos_token
         self.head_ids = processor.tokenizer(head, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-        self.cache.media.append({"kind": "video", "source": "live", "frames": 0, "timestamps": []})
+        self.cache.record.media.append(media_note("video", "live", 0))
         self._run(torch.tensor([self.head_ids]), None)
 
     @property
@@ -283,11 +288,11 @@ class LiveVideo:
                     self._encode_pending(keep_pending=True)
                 tail = self.processor.tokenizer(self.question_template.format(question=question),
                                                 add_special_tokens=False)["input_ids"]
-                input_ids = torch.cat([self.cache.absorbed_ids.cpu(), torch.tensor([tail])], dim=1)
+                input_ids = torch.cat([self.cache.record.absorbed_ids.cpu(), torch.tensor([tail])], dim=1)
                 output = self.model.generate(
                     input_ids=input_ids.to(self.model.device),
                     attention_mask=torch.ones_like(input_ids, device=self.model.device),
-                    **cache_argument(self.cache),
+                    cache=self.cache,
                     **{"do_sample": False, **generate_kwargs},
                     return_dict_in_generate=True,
                 )
@@ -307,9 +312,9 @@ class LiveVideo:
         pixels = torch.stack(self.pending).unsqueeze(0)
         ids = torch.full((1, len(self.pending) * self.model.config.tokens_per_frame), self.model.config.video_token_id)
         self._run(ids, pixels)
-        record = self.cache.media[0]
-        record["frames"] += len(self.pending)
-        record["timestamps"] += self.times[len(record["timestamps"]) : record["frames"]]
+        note = self.cache.record.media[0]
+        note["frames"] += len(self.pending)
+        note["timestamps"] += self.times[len(note["timestamps"]) : note["frames"]]
         if not keep_pending:
             self.pending = []
 
@@ -321,7 +326,7 @@ class LiveVideo:
             pixel_values_videos=None if pixels is None else pixels.to(device),
             compression_ratio=self.ratio,
             output_columns=torch.zeros(0, dtype=torch.long, device=device),
-            **cache_argument(self.cache),
+            cache=self.cache,
         )
 
 
@@ -359,4 +364,4 @@ def read_live_frames(
             source.close()
 
 
-__all__ = ["LiveVideo", "chat", "read_live_frames", "cache_argument"]
+__all__ = ["LiveVideo", "chat", "read_live_frames"]

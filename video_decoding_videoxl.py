@@ -855,11 +855,12 @@ def in_memory_frames(video: Any, name: str = "video") -> list[Any] | None:
 
 
 def sample_frames_in_memory(
-    frames: Sequence[Any], sampling: VideoSampling | None, convert: Callable[[Any], Any], name: str,
+    frames: Sequence[Any], sampling: VideoSampling | None, convert: Callable[[Any, int], Any], name: str,
     frame_bytes: int | None = None,
 ) -> tuple[list[Any], VideoXLVideoMetadata]:
     """Same as `read_video_frames` for a video already in memory; `sampling` None keeps every frame
-    as given (like LLaVA-OneVision). `convert` gets each kept frame as given (array or image)."""
+    as given (like LLaVA-OneVision). `convert(frame, index)` gets each kept frame as given (array or image) and its
+    index in `frames`."""
     total = len(frames)
     if total < 1:
         raise ValueError(f"{name}: the video has no frames")

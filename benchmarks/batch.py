@@ -106,7 +106,7 @@ def run_child(spec: dict) -> dict:
             next_ids = model(next_ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - start
         peak = peak_rss_mb(resettable)
-    kept = cache.valid_length() - spec["decode_tokens"]
+    kept = cache.next_positions() - spec["decode_tokens"]
     return {
         "prompts": spec["prompts"],
         "prompt_tokens": int(inputs["attention_mask"].sum()),

@@ -17,7 +17,11 @@ compressed path) ; question embeddings] in one causal forward with a `DynamicCac
 
 Memory: on CPU, peak RSS of the child (Linux: the VmHWM high-water mark is reset through /proc/self/clear_refs
 before each repeat; elsewhere `ru_maxrss`, which includes everything since the process started); on CUDA,
-`torch.cuda.max_memory_allocated`. The working memory of a prefill is `peak_mb - base_mb`.
+`torch.cuda.max_memory_allocated`. The working memory of a prefill is `peak_mb - base_mb`. On CPU the children run
+with glibc's mmap threshold fixed at 128 KiB (`--cpu-allocator mmap`, the default, as benchmarks/train_memory.py):
+every tensor over it gets its own mapping, returned to the system when freed, so peak RSS tracks the live tensors
+rather than the heap's fragmentation (`--cpu-allocator glibc`: glibc's dynamic threshold, which lets freed
+multi-MB tensors stay in the heap and count in peak RSS).
 
 Examples (from the repository root):
 
@@ -46,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PREFIX_TOKENS = 14
 QUESTION_TOKENS = 12
 WARMUP_FRAMES = 2
+MMAP_THRESHOLD = 128 * 1024  # bytes; see --cpu-allocator
 RECORD_FIELDS = ("frames", "ratio", "prefill_s", "vision_s", "base_mb", "peak_mb", "kept", "decode_ms")
 
 
@@ -449,6 +454,7 @@ def run_child(spec: dict) -> dict:
         threads=torch.get_num_threads(),
         peak_method="cuda.max_memory_allocated" if device.type == "cuda"
         else ("VmHWM after clear_refs" if resettable else "ru_maxrss"),
+        cpu_allocator=spec.get("cpu_allocator"),
         loadavg_start=load_start,
         loadavg_end=os.getloadavg()[0],
         torch=torch.__version__,
@@ -713,6 +719,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plot-time", choices=("wall", "cpu"), default="wall",
                         help="time axis of --png: wall seconds, or CPU seconds of the process (steadier with "
                              "--threads 1 on a busy machine)")
+    parser.add_argument("--cpu-allocator", choices=("mmap", "glibc"), default="mmap",
+                        help="CPU: tensors over 128 KiB in their own mappings (mmap: peak RSS = live tensors) or "
+                             "glibc's default heap (peak RSS also counts its slack)")
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--png", help="plot time, working memory and decode vs frames here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -753,12 +762,16 @@ def main(argv=None) -> int:
     print(f"{len(runs)} points, modelled work {planned:.1f} TFLOP x {args.repeats} repeats (+ warm-ups); at "
           f"~40 GFLOP/s per CPU thread (this 2-core machine, float32) that is about "
           f"{planned * args.repeats / 0.04 / 60:.0f} min of CPU time", flush=True)
+    if args.device == "cpu" and args.cpu_allocator == "mmap":
+        # Read by glibc when a process starts: the fork server (started by the first point) and its children.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     started = time.perf_counter()
     records = []
     for frames, ratio in runs:
         spec = dict(size=args.size, frames=frames, ratio=ratio, device=args.device, dtype=dtype, attn=args.attn,
                     repeats=args.repeats, decode_tokens=args.decode_tokens, threads=args.threads,
-                    mem_limit_gb=args.mem_limit_gb, model_code=args.model_code)
+                    mem_limit_gb=args.mem_limit_gb, model_code=args.model_code,
+                    cpu_allocator=args.cpu_allocator if args.device == "cpu" else None)
         tflop = point_flops(args.size, frames, ratio)["total"] / 1e12
         if args.max_tflop is not None and tflop > args.max_tflop:
             record = skipped(spec, f"modelled cost {tflop:.1f} TFLOP > --max-tflop {args.max_tflop:g}")

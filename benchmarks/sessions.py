@@ -42,8 +42,8 @@ QUESTION_TOKENS = 12
 
 def cache_bytes(cache) -> dict:
     kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    masks = sum(layer.valid.numel() for layer in cache.layers)
-    ids = cache.absorbed_ids.numel() * cache.absorbed_ids.element_size()
+    masks = cache.key_mask.numel()
+    ids = cache.record.absorbed_ids.numel() * cache.record.absorbed_ids.element_size()
     return {"rows": cache.get_seq_length(), "kv_bytes": kv, "bytes": kv + masks + ids}
 
 

@@ -15,7 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE_FILES = (
     "configuration_videoxl.py",
     "modeling_videoxl.py",
+    "inputs_videoxl.py",
     "beacon_cache.py",
+    "cache_file_videoxl.py",
     "session_videoxl.py",
     "processing_videoxl.py",
     "image_processing_videoxl.py",

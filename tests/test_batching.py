@@ -104,7 +104,7 @@ def test_mixed_batch_cache_is_each_samples_cache_left_padded(model):
     inputs = batch_of(MIXED[:3])
     with torch.no_grad():
         cache = model(**inputs, logits_to_keep=1).cache
-    assert torch.equal(cache.absorbed_ids, inputs["input_ids"])
+    assert torch.equal(cache.record.absorbed_ids, inputs["input_ids"])
     for i, one in enumerate(MIXED[:3]):
         with torch.no_grad():
             single = model(**alone(one), logits_to_keep=1).cache
@@ -112,14 +112,35 @@ def test_mixed_batch_cache_is_each_samples_cache_left_padded(model):
         assert int(cache.key_mask[i].sum()) == rows and cache.key_mask[i, -rows:].all()
         for layer, single_layer in zip(cache.layers, single.layers):
             torch.testing.assert_close(layer.keys[i, :, -rows:], single_layer.keys[0], atol=1e-5, rtol=1e-5)
-        assert single.ratios == [4] * len(single.ratios)
+        assert single.record.ratios == [4] * len(single.record.ratios)
     # The raw question rows are the last columns of every sample: a reused cache rewinds them like a fresh one.
-    assert cache.compressed_columns <= inputs["input_ids"].shape[1] - 3
+    raw_text_rows = cache.get_seq_length() - cache.compressed_rows
+    assert cache.record.absorbed_length - raw_text_rows <= inputs["input_ids"].shape[1] - 3
 
 
 def test_stack_refuses_empty_or_batched_caches():
     with pytest.raises(ValueError, match="non-empty single-sample caches"):
-        BeaconCache.stack([BeaconCache(2)], torch.zeros(1, 1, dtype=torch.long))
+        BeaconCache(2).stack([BeaconCache(2)], torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_a_mixed_batch_extends_the_cache_it_was_given_in_place(model):
+    """`model(..., cache=c)` on a batch of mixed layouts fills `c` itself (as the docstring promises), and decoding
+    from `c` equals decoding from a cache the model made."""
+    inputs = batch_of(MIXED[:3])
+    given = BeaconCache(model.config.text_config.num_hidden_layers)
+    with torch.no_grad():
+        out = model(**inputs, cache=given, logits_to_keep=1)
+        made = model(**inputs, logits_to_keep=1).cache
+    assert compat.cache_of(out) is given
+    assert given.record.absorbed_length == inputs["input_ids"].shape[1]
+    assert torch.equal(given.record.absorbed_ids, inputs["input_ids"]) and torch.equal(given.key_mask, made.key_mask)
+    for layer, made_layer in zip(given.layers, made.layers):
+        assert torch.equal(layer.keys, made_layer.keys) and torch.equal(layer.values, made_layer.values)
+    step = torch.tensor([[40], [41], [42]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones(3, 1, dtype=inputs["attention_mask"].dtype)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(step, attention_mask=mask, cache=given).logits,
+                                   model(step, attention_mask=mask, cache=made).logits, atol=0, rtol=0)
 
 
 def test_same_layout_batches_still_run_one_plan_equal_to_alone(model, monkeypatch):

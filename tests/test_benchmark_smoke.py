@@ -1,8 +1,11 @@
-"""Smoke test of benchmarks/prefill.py: the tiny preset end to end, through its command line."""
+"""Smoke tests of the benchmarks: benchmarks/prefill.py's tiny preset through its command line, benchmarks/gpu.py's
+tiny preset on the CPU."""
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from scripts.local_import import REPO_ROOT
 
@@ -21,6 +24,7 @@ def expected_kept(frames: int, ratio: int) -> int:
     return PREFIX + sum(w // ratio for w in windows) + QUESTION
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_records(tmp_path):
     out = tmp_path / "tiny.json"
     png = tmp_path / "tiny.png"
@@ -66,3 +70,20 @@ def test_baseline_is_the_same_language_model():
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     assert bench.expected_kept(model.config, 6, 4) == 14 + 16 + 8 + 12  # windows of 64 and 32 tokens
+
+
+def test_gpu_benchmark_runs_its_tiny_preset_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py end to end on the tiny preset: the compared short case, the prefill + decode record, the
+    doubling up to --max-frames, one JSON."""
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--preset", "tiny", "--device", "cpu", "--frames", "4", "--max-frames", "8", "--check-frames",
+                     "4", "--decode-tokens", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["comparison"]["reference"] == "sdpa" and len(result["comparison"]["tokens"]["sdpa"]) == 8
+    assert [(r["attn"], r["frames"]) for r in result["records"]] == [("sdpa", 4), ("sdpa", 8)]
+    for record in result["records"]:
+        assert record["prefill_s"] > 0 and record["peak_mb"] > 0 and record["decode_ms"] > 0
+        assert record["kept"] == 14 + record["frames"] * TOKENS_PER_FRAME // 16 + 12  # whole windows at r = 16
+    assert result["most_frames_run"] == 8

@@ -50,7 +50,7 @@ def test_forward_continues_a_cache_given_under_either_name(name):
         out = model(question, **{name: cache})
     torch.testing.assert_close(out.logits, whole.logits[:, -3:], atol=1e-5, rtol=1e-5)
     assert out.cache is cache is compat.cache_of(out)
-    assert cache.seen_tokens == ids.shape[1] + 3
+    assert cache.record.absorbed_length == ids.shape[1] + 3
 
 
 def test_forward_refuses_a_cache_given_twice():
@@ -70,7 +70,7 @@ def test_generate_continues_a_cache_given_under_either_name(name):
     kwargs = {name: copy.deepcopy(cache)}
     got = model.generate(ids, compression_ratio=4, max_new_tokens=5, do_sample=False, **kwargs)
     assert torch.equal(got, expected)
-    assert kwargs[name].seen_tokens == expected.shape[1] - 1  # the user's cache object was the one extended
+    assert kwargs[name].record.absorbed_length == expected.shape[1] - 1  # the user's cache object was the one extended
 
 
 def test_generate_returns_the_cache_under_this_transformers_name():
@@ -80,7 +80,7 @@ def test_generate_returns_the_cache_under_this_transformers_name():
         do_sample=False, return_dict_in_generate=True,
     )
     assert isinstance(compat.cache_of(out), BeaconCache)
-    assert compat.cache_of(out).seen_tokens == out.sequences.shape[1] - 1
+    assert compat.cache_of(out).record.absorbed_length == out.sequences.shape[1] - 1
 
 
 def test_clip_parameter_names_have_the_vision_model_level():

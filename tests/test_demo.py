@@ -96,6 +96,7 @@ def run_demo(tmp_path, *args: str) -> str:
                           capture_output=True, text=True, check=True, env=env).stdout
 
 
+@pytest.mark.slow
 def test_make_demo_command_tours_one_memory(tmp_path):
     out = run_demo(tmp_path)
     for name in QUESTIONS:
@@ -104,6 +105,7 @@ def test_make_demo_command_tours_one_memory(tmp_path):
     assert "kept positions" in out and "MB" in out and "loaded the memory from the file" in out
 
 
+@pytest.mark.slow
 def test_make_demo_single_question_form_runs(tmp_path):
     out = run_demo(tmp_path, "--kind", "counting")
     assert "question:" in out and "answer:" in out and "truth:" in out

@@ -152,6 +152,7 @@ def test_converter_refuses_a_processor_of_another_image_size(parity_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_converter_command_line(parity_dir, tiny_processor_dir, tmp_path):
     out = tmp_path / "out"
     subprocess.run(
@@ -174,6 +175,7 @@ def test_parity_path_skips_naming_the_folder_and_variable(tmp_path, monkeypatch)
     assert str(tmp_path) in str(skipped.value)
 
 
+@pytest.mark.slow
 def test_parity_tests_skip_without_fixtures(tmp_path):
     empty = tmp_path / "no_parity"
     empty.mkdir()

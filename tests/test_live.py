@@ -43,16 +43,16 @@ def test_live_ingestion_then_a_question_equals_the_same_frames_as_one_prompt(dem
     for n, frame in enumerate(frames, start=1):
         live.feed(frame, timestamp=float(n - 1))
         if n in (7, 20, 27):  # inside the first window, at a window's end, and with 7 frames pending
-            state = (live.cache.get_seq_length(), live.cache.seen_tokens)
+            state = (live.cache.get_seq_length(), live.cache.record.absorbed_length)
             answer = live.ask(QUESTION, max_new_tokens=6)
             ids, expected = one_prompt_answer(model, processor, frames[:n], QUESTION)
             assert answer == expected
             assert torch.equal(live.prompt_ids(QUESTION), ids)
-            assert (live.cache.get_seq_length(), live.cache.seen_tokens) == state  # the question left no trace
+            assert (live.cache.get_seq_length(), live.cache.record.absorbed_length) == state  # the question left no trace
         # Memory grows by the kept VSTs of finished windows; at most a window's frames wait as pixels.
         vsts = (n // window) * window * model.config.tokens_per_frame // model.config.beacon_ratio
         assert live.cache.get_seq_length() == head_rows + vsts and len(live.pending) == n % window
-    assert live.cache.media[0]["frames"] == 20 and live.cache.media[0]["timestamps"] == [float(i) for i in range(20)]
+    assert live.cache.record.media[0]["frames"] == 20 and live.cache.record.media[0]["timestamps"] == [float(i) for i in range(20)]
 
 
 def test_compression_ratio_passes_through_live_sessions(demo, frames):
@@ -61,7 +61,7 @@ def test_compression_ratio_passes_through_live_sessions(demo, frames):
     live.feed_all(frames[:12])
     _, expected = one_prompt_answer(model, processor, frames[:12], QUESTION, compression_ratio=8)
     assert live.ask(QUESTION, max_new_tokens=6) == expected
-    assert live.cache.ratios == [8]
+    assert live.cache.record.ratios == [8]
 
 
 def test_questions_can_be_asked_while_another_thread_feeds(demo, frames):
@@ -85,11 +85,12 @@ def test_a_video_file_read_as_a_live_stream_samples_frames_by_time(demo, frames,
     assert sampled[0][1].shape == frames[0].shape and sampled[0][1].dtype == np.uint8
     live = model.live(processor)
     live.follow(str(path), fps=2.0)
-    assert live.frames == 6 and live.cache.media[0]["timestamps"] == []  # no window finished yet
+    assert live.frames == 6 and live.cache.record.media[0]["timestamps"] == []  # no window finished yet
     with pytest.raises(ValueError, match="fps must be positive"):
         list(read_live_frames(str(path), fps=0))
 
 
+@pytest.mark.slow
 def test_the_live_demo_runs(tmp_path):
     import subprocess
     import sys

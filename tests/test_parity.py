@@ -58,7 +58,7 @@ def test_inference_matches_the_original(parity_dir, converted, name, attn):
     # The kept memory itself: prefix, then the kept VSTs (the original stores keys before RoPE; ours are rotated
     # at their memory position, so values compare directly and keys after rotating the original's).
     for layer in range(model.config.text_config.num_hidden_layers):
-        _, values = out.cache.memory(layer)
+        values = out.cache.layers[layer].values
         original = torch.cat([expected[f"mem_after_prefill.L{layer}.{part}.v"] for part in ("sink", "beacon", "raw")], 2)
         torch.testing.assert_close(values, original, atol=1e-4, rtol=0)
 

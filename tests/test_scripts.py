@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from scripts.local_import import REPO_ROOT
 
 SCRIPTS = [
@@ -15,6 +17,8 @@ SCRIPTS = [
     "demo/live.py",
     "benchmarks/prefill.py",
 ]
+
+pytestmark = pytest.mark.slow  # starts processes: `make test-all`
 
 
 def test_every_shown_script_runs_as_a_file_from_anywhere_and_as_a_module(tmp_path):

@@ -64,7 +64,7 @@ def test_questions_from_a_reused_cache_equal_fresh_prompts_and_decode_the_video_
         lengths.append(cache.get_seq_length() - cache.compressed_rows)
     assert counting.videos == 1
     # Ask-many rewinds the text after the video memory: the memory holds one video, never a copy per question.
-    assert cache.ratios == [16, 16] and cache.absorbed_frames(model.config.video_token_id) == FRAMES
+    assert cache.record.ratios == [16, 16] and cache.record.digests[model.config.video_token_id].shape[1] == FRAMES
     assert max(lengths) < 100
 
 
@@ -72,7 +72,7 @@ def test_compression_ratio_and_generate_options_pass_through(demo, frames):
     model, processor = demo
     options = dict(num_frames=FRAMES, compression_ratio=8, max_new_tokens=4, repetition_penalty=1.3)
     _, cache = model.chat(processor, ask(frames, QUESTIONS[0]), **options)
-    assert cache.ratios == [8, 8] and cache.seen_tokens == cache.absorbed_ids.shape[1]
+    assert cache.record.ratios == [8, 8] and cache.record.absorbed_length == cache.record.absorbed_ids.shape[1]
     reused, cache = model.chat(processor, ask(frames, QUESTIONS[1]), cache=cache, **options)
     assert reused == model.chat(processor, ask(frames, QUESTIONS[1]), **options)[0]
 
@@ -84,12 +84,12 @@ def test_a_follow_up_keeps_the_earlier_question_and_answer_and_equals_the_whole_
         {"role": "assistant", "content": first},
         {"role": "user", "content": [{"type": "text", "text": QUESTIONS[1]}]},
     ]
-    before = cache.seen_tokens
+    before = cache.record.absorbed_length
     follow_up, cache = model.chat(processor, conversation, cache=cache, **ANSWER)
     from_scratch, scratch_cache = model.chat(processor, conversation, **ANSWER)
     assert follow_up == from_scratch
-    assert cache.seen_tokens == scratch_cache.seen_tokens > before
-    assert torch.equal(cache.absorbed_ids, scratch_cache.absorbed_ids)
+    assert cache.record.absorbed_length == scratch_cache.record.absorbed_length > before
+    assert torch.equal(cache.record.absorbed_ids, scratch_cache.record.absorbed_ids)
     conversation += [{"role": "assistant", "content": follow_up},
                      {"role": "user", "content": [{"type": "text", "text": QUESTIONS[2]}]}]
     third, cache = model.chat(processor, conversation, cache=cache, **ANSWER)
@@ -104,7 +104,7 @@ def test_chat_equals_the_processor_and_generate_path(demo, frames):
     output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     prompt = inputs["input_ids"].shape[1]
     assert answer == processor.tokenizer.decode(output[0, prompt:], skip_special_tokens=True).strip()
-    assert torch.equal(cache.absorbed_ids[:, :prompt], inputs["input_ids"])
+    assert torch.equal(cache.record.absorbed_ids[:, :prompt], inputs["input_ids"])
 
 
 def test_the_lower_level_path_prefix_then_generate_with_the_cache(demo, frames):
@@ -185,6 +185,7 @@ print(repr(answer))
 """
 
 
+@pytest.mark.slow
 def test_a_saved_conversation_answers_the_same_in_a_fresh_process(demo, frames, tmp_path):
     import subprocess
     import sys
@@ -200,6 +201,7 @@ def test_a_saved_conversation_answers_the_same_in_a_fresh_process(demo, frames, 
     assert result.stdout.strip().splitlines()[-1] == repr(here)
 
 
+@pytest.mark.slow
 def test_the_sessions_benchmark_runs_on_the_tiny_preset(tmp_path):
     import json
     import subprocess

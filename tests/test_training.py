@@ -24,7 +24,8 @@ from scripts.local_import import REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, m
 from tests.conftest import TOKENS_PER_FRAME, VIDEO_ID, random_frames, tiny_model, video_prompt
 
 
-CODE_FILES = {"configuration_videoxl.py", "modeling_videoxl.py", "beacon_cache.py"}
+CODE_FILES = {"configuration_videoxl.py", "modeling_videoxl.py", "inputs_videoxl.py", "beacon_cache.py",
+              "cache_file_videoxl.py"}
 PROCESSOR_FILES = {"processor_config.json", "processing_videoxl.py", "tokenizer.json", "chat_template.jinja"}
 WINDOW = 4 * TOKENS_PER_FRAME  # the tiny models' windows
 
@@ -551,6 +552,7 @@ def collated(processor, data: Path) -> list[dict]:
     return [collator([sample]) for sample in read_jsonl(data)]
 
 
+@pytest.mark.slow
 def test_trainer_run_lowers_the_loss_and_its_checkpoint_loads_and_generates(assets, processor, tmp_path):
     batches = collated(processor, assets.data)
     initial = mean_loss(AutoModelForCausalLM.from_pretrained(assets.model, trust_remote_code=True), batches)
@@ -573,6 +575,7 @@ def test_trainer_run_lowers_the_loss_and_its_checkpoint_loads_and_generates(asse
     assert torch.equal(answer, generate_answer(trainer.model.eval(), processor, assets.folder / "clip0.mp4"))
 
 
+@pytest.mark.slow
 def test_resumed_trainer_run_ends_where_the_uninterrupted_run_ends(assets, tmp_path):
     """Ratios drawn per window depend on the step, not on the run's history: resuming at step 3 of 6 (random
     ratios, shuffled data) gives bit-identical weights."""
@@ -584,6 +587,7 @@ def test_resumed_trainer_run_ends_where_the_uninterrupted_run_ends(assets, tmp_p
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
 
 
+@pytest.mark.slow
 def test_command_line_under_torchrun_keeps_ratios_in_step_and_saves_a_mergeable_adapter(assets, processor, tmp_path):
     """scripts/finetune.py in two processes (torchrun, gloo on CPU): LoRA with activation checkpointing and --merge.
 
@@ -701,6 +705,7 @@ def test_checkpointing_keeps_a_frozen_vision_tower_out_of_the_graph_with_the_sam
         torch.testing.assert_close(fixed[name], plain[name], atol=1e-7, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_training_memory_benchmark_runs_one_step_per_point(tmp_path):
     """benchmarks/train_memory.py (a benchmark, not a test of speed): one point of the tiny preset end to end."""
     from benchmarks.train_memory import main, markdown_table

@@ -23,6 +23,8 @@ from scripts.collator import check_dataset
 from scripts.local_import import REPO_ROOT
 from tests.test_training import subprocess_env, write_tiny_model
 
+pytestmark = pytest.mark.slow  # starts processes: `make test-all`
+
 
 WORKER = REPO_ROOT / "tests" / "_train_worker.py"
 ONE_SGD_STEP = ["--ratio", "4", "--max_steps", "1", "--learning_rate", "1", "--optim", "sgd", "--lr_scheduler_type",

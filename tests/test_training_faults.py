@@ -24,6 +24,9 @@ from scripts.local_import import REPO_ROOT
 from tests.test_training import subprocess_env, write_dataset, write_tiny_model
 
 
+pytestmark = pytest.mark.slow  # starts processes: `make test-all`
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> SimpleNamespace:
     folder = tmp_path_factory.mktemp("faults")

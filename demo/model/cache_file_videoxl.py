@@ -1,0 +1,1 @@
+../../cache_file_videoxl.py

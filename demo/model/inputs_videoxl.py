@@ -1,0 +1,1 @@
+../../inputs_videoxl.py
