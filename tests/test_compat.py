@@ -3,6 +3,7 @@ and the cache reachable under both of its names on every supported release."""
 
 import copy
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -101,6 +102,18 @@ def test_activation_checkpointing_names_work_on_every_release(tmp_path):
     model.activation_checkpointing_disable()
     assert not model.is_gradient_checkpointing
     assert hasattr(model, f"{compat.ACTIVATION_CHECKPOINTING}_enable")  # the library's own name
+
+
+def test_wrapping_the_model_with_peft_warns_nothing():
+    # PEFT reads `is_gradient_checkpointing`, which the library deprecated in 5.23 (a FutureWarning per wrap).
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        get_peft_model(model, LoraConfig(target_modules=r"model\.layers\.\d+\.self_attn\.q_proj"))
+    model.activation_checkpointing_enable()
+    assert model.is_gradient_checkpointing
 
 
 @pytest.mark.parametrize("flag", ["--activation_checkpointing", "--gradient_checkpointing"])
