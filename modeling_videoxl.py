@@ -1176,6 +1176,12 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
             model_kwargs[CACHE_NAME] = BeaconCache(self.config.text_config.num_hidden_layers)
             drop_rollback_cache_request(generation_config)
+            if generation_config.cache_implementation is not None:
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r}: Video-XL keeps its own "
+                    "compressed cache (a BeaconCache holding the video memory), which generate builds; leave "
+                    "cache_implementation unset, or pass a BeaconCache as cache= to reuse a memory"
+                )
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
