@@ -25,6 +25,9 @@ from .beacon_cache import BeaconCache
 
 
 SAMPLING_OPTIONS = ("num_frames", "fps", "max_frames", "video_fps")
+# `chat`'s answer length when neither the call nor the generation config sets one (the released model's
+# generation_config.json has 1024); the library's fallback, max_length=20 prompt included, warns and cuts answers.
+CHAT_MAX_NEW_TOKENS = 1024
 
 
 def cache_argument(cache: BeaconCache | None) -> dict[str, BeaconCache | None]:
@@ -106,6 +109,8 @@ def chat(
 ) -> tuple[str, BeaconCache]:
     """See [`VideoXLForCausalLM.chat`]."""
     sampling = {key: generate_kwargs.pop(key) for key in SAMPLING_OPTIONS if key in generate_kwargs}
+    if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
+        generate_kwargs["max_new_tokens"] = model.generation_config.max_new_tokens or CHAT_MAX_NEW_TOKENS
     config = model.config
     visual_ids = {config.video_token_id: "video", config.image_token_id: "image"}
     placeholders = {"video": processor.video_token, "image": processor.image_token}

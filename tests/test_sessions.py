@@ -3,6 +3,8 @@
 The shipped demo model (4 layers, its own tiny tokenizer and processor) runs the conversations in fp32, greedy.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,22 @@ def test_a_video_file_is_recognised_by_path_and_a_changed_file_is_not_reused(dem
     write_video(np.stack(frames[::-1]), path, fps=1.0)
     with pytest.raises(ValueError, match="not the one the cache encoded"):
         model.chat(processor, ask(str(path), QUESTIONS[1]), cache=cache, **ANSWER)
+
+
+def test_chat_takes_its_answer_length_from_the_generation_config(demo, frames, monkeypatch):
+    model, processor = demo
+    messages = ask(frames, QUESTIONS[0])
+    monkeypatch.setattr(model.generation_config, "max_new_tokens", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the library's "model-agnostic default max_length" warning
+        answer, cache = model.chat(processor, messages, num_frames=FRAMES)
+    assert answer == model.chat(processor, messages, num_frames=FRAMES, max_new_tokens=1)[0]
+    assert len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 1
+    monkeypatch.setattr(model.generation_config, "max_new_tokens", None)  # none set: chat's own default, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        answer = model.chat(processor, messages, num_frames=FRAMES)[0]
+    assert answer == model.chat(processor, messages, num_frames=FRAMES, max_new_tokens=1024)[0]
 
 
 def test_misused_caches_are_refused(demo, frames):
