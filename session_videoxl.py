@@ -185,6 +185,24 @@ def sampled_times(metadata) -> list[float]:
         return []
 
 
+def media_mismatch(kind: str, index: int, cached: str, given: str) -> str:
+    """The error for a message item whose `media_key` differs from the one the cache recorded: the same video
+    sampled with other options is named as such, with the options that differ."""
+    cached_source, _, cached_options = cached.rpartition("|")
+    given_source, _, given_options = given.rpartition("|")
+    if cached_source != given_source:
+        return (f"{kind} {index} of the messages is not the one the cache encoded (cache: {cached}, messages: "
+                f"{given}): pass cache=None for another video or image")
+    before, now = json.loads(cached_options or "{}"), json.loads(given_options or "{}")
+    differing = ", ".join(
+        f"{name}={before.get(name)!r} in the cache, {now.get(name)!r} now"
+        for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)
+    )
+    return (f"{kind} {index} of the messages is the one the cache encoded, but sampled with other options "
+            f"({differing}; None: the processor's default): pass the same {', '.join(SAMPLING_OPTIONS)} as the "
+            "call that encoded it, or cache=None to encode it again")
+
+
 def check_reusable_media(
     cache: BeaconCache, runs: list[tuple[str, int]], items: list[tuple[str, Any]], keys: list[str],
     compression_ratio: int | None,
@@ -202,10 +220,7 @@ def check_reusable_media(
         )
     for i, (record, key) in enumerate(zip(cache.media, keys)):
         if record["source"] != key:
-            raise ValueError(
-                f"{items[i][0]} {i} of the messages is not the one the cache encoded (cache: {record['source']}, "
-                f"messages: {key}): pass cache=None for another video or image"
-            )
+            raise ValueError(media_mismatch(items[i][0], i, record["source"], key))
     if runs and compression_ratio is not None and any(r != compression_ratio for r in cache.ratios):
         raise ValueError(
             f"the cache's visual memory was compressed at ratio(s) {sorted(set(cache.ratios))}, not "

@@ -177,8 +177,12 @@ def test_misused_caches_are_refused(demo, frames):
     other = frames[::-1]
     with pytest.raises(ValueError, match="not the one the cache encoded"):
         model.chat(processor, ask(other, QUESTIONS[0]), cache=cache, **ANSWER)
-    with pytest.raises(ValueError, match="sampling|not the one"):  # other frames sampled from the same video
+    # the same video, other frames: the message names the sampling options that differ
+    with pytest.raises(ValueError, match=r"is the one the cache encoded, but sampled with other options "
+                                         r"\(num_frames=20 in the cache, 10 now"):
         model.chat(processor, ask(frames, QUESTIONS[0]), cache=cache, max_new_tokens=6, num_frames=10)
+    with pytest.raises(ValueError, match=r"num_frames=20 in the cache, None now; None: the processor's default"):
+        model.chat(processor, ask(frames, QUESTIONS[0]), cache=cache, max_new_tokens=6)
     with pytest.raises(ValueError, match="compressed at ratio"):
         model.chat(processor, ask(frames, QUESTIONS[0]), cache=cache, compression_ratio=8, **ANSWER)
     with pytest.raises(ValueError, match="only 0"):
