@@ -571,6 +571,10 @@ class VideoXLPreTrainedModel(ModelAdapters, PreTrainedModel):
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["VideoXLDecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    # Every quantizer (bitsandbytes, quanto, ...) leaves these unconverted, as BLIP-2 keeps its Q-Former: the vision
+    # side is small and feeds every visual token (and bitsandbytes' CPU 4-bit packing needs widths that are a multiple
+    # of its block size, which a CLIP tower need not have). fp16 loads keep them in fp32.
+    _keep_in_fp32_modules = ["model.vision_tower", "model.mm_projector"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -648,8 +652,9 @@ class VideoXLModel(VideoXLPreTrainedModel):
         groups = features.reshape(batch, step.num_vsts, step.ratio, -1)
         # Called as a module (not `.weight`) so that offload hooks can bring the weight in.
         vst_index = torch.zeros(1, dtype=torch.long, device=placed_device(self.beacon_embed_tokens.weight, groups.device))
-        vst = self.beacon_embed_tokens(vst_index).to(groups.device, groups.dtype).expand(batch, step.num_vsts, 1, -1)
-        return torch.cat([groups, vst], dim=2).reshape(batch, step.num_rows, -1)
+        vst = self.beacon_embed_tokens(vst_index).to(groups.device).expand(batch, step.num_vsts, 1, -1)
+        # The decoder's dtype: the vision side stays fp32 in fp16 loads (`_keep_in_fp32_modules`).
+        return torch.cat([groups.to(vst.dtype), vst], dim=2).reshape(batch, step.num_rows, -1)
 
     def step_key_validity(self, row_valid: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Which keys of `[memory ; step]` a step's rows may see, `[batch, kept + rows]` bool (the layers turn it
