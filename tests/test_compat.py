@@ -20,7 +20,7 @@ def test_an_unsupported_transformers_is_refused_with_the_supported_range(monkeyp
         compat.check_transformers_version()
 
 
-@pytest.mark.parametrize("version", ["5.10.0", "5.17.2", "5.23.0", "5.24.0", "5.99.1"])
+@pytest.mark.parametrize("version", ["5.10.0", "5.17.2", "5.23.0", "5.24.0", "5.25.0", "5.99.1"])
 def test_a_supported_transformers_passes(monkeypatch, version):
     monkeypatch.setattr(transformers, "__version__", version)
     compat.check_transformers_version()
