@@ -8,6 +8,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     shown once, unless it is None, False or already named in the help text; an option with several spellings
     (`--num_frames, --num-frames N`) names its value once."""
 
+    def __init__(self, prog: str, **kwargs) -> None:
+        # Room for "--num_frames, --num-frames N" before the help text, which then stays on its line.
+        super().__init__(prog, **{"max_help_position": 34, **kwargs})
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0 or "default" in text:
