@@ -31,7 +31,7 @@ from packaging.version import Version
 
 
 OLDEST = "5.10.0"  # the floor (README, "Install"); requirements-oldest.txt pins it for `make test-oldest`
-NEWEST_TESTED = "5.24.0"  # requirements.txt
+NEWEST_TESTED = "5.25.0"  # requirements.txt
 SUPPORTED_RANGE = f">={OLDEST},<6"
 
 
@@ -160,6 +160,8 @@ class ModelAdapters:
     """Mixin for a `PreTrainedModel` (listed before it):
 
     - `activation_checkpointing_enable/disable` where the library only names them `gradient_checkpointing_*`;
+    - `is_gradient_checkpointing` without the library's deprecation warning where it has `is_activation_checkpointing`
+      (PEFT still reads the old name when it wraps a model);
     - `from_pretrained` refuses a device map with disk offload that this release leaves undispatched (a map whose
       only device is "disk", before 5.13), instead of returning a model that is not where it was asked to be.
     """
@@ -171,6 +173,14 @@ class ModelAdapters:
 
         def activation_checkpointing_disable(self) -> None:
             self.gradient_checkpointing_disable()
+
+    if hasattr(PreTrainedModel, "is_activation_checkpointing"):
+
+        @property
+        def is_gradient_checkpointing(self) -> bool:
+            # PEFT reads the old name on every `get_peft_model` / `PeftModel.from_pretrained`; the library's alias
+            # warns (FutureWarning, from 5.23) about a read the user did not write.
+            return self.is_activation_checkpointing
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -513,6 +513,10 @@ class VideoXLPreTrainedModel(ModelAdapters, PreTrainedModel):
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["VideoXLDecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    # Every quantizer (bitsandbytes, quanto, ...) leaves these unconverted, as BLIP-2 keeps its Q-Former: the vision
+    # side is small and feeds every visual token (and bitsandbytes' CPU 4-bit packing needs widths that are a multiple
+    # of its block size, which a CLIP tower need not have). fp16 loads keep them in fp32.
+    _keep_in_fp32_modules = ["model.vision_tower", "model.mm_projector"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -587,8 +591,9 @@ class VideoXLModel(VideoXLPreTrainedModel):
         groups = features[:, skip : skip + step.end - step.start].reshape(batch, step.num_vsts, step.ratio, -1)
         # Called as a module (not `.weight`) so that offload hooks can bring the weight in.
         vst_index = torch.zeros(1, dtype=torch.long, device=placed_device(self.beacon_embed_tokens.weight, groups.device))
-        vst = self.beacon_embed_tokens(vst_index).to(groups.device, groups.dtype).expand(batch, step.num_vsts, 1, -1)
-        return torch.cat([groups, vst], dim=2).reshape(batch, step.num_rows, -1)
+        vst = self.beacon_embed_tokens(vst_index).to(groups.device).expand(batch, step.num_vsts, 1, -1)
+        # The decoder's dtype: the vision side stays fp32 in fp16 loads (`_keep_in_fp32_modules`).
+        return torch.cat([groups.to(vst.dtype), vst], dim=2).reshape(batch, step.num_rows, -1)
 
     def step_key_validity(self, row_valid: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Which keys of `[memory ; step]` a step's rows may see, `[batch, kept + rows]` bool (the layers turn it
@@ -1111,6 +1116,12 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
             model_kwargs[CACHE_NAME] = self.model.new_cache()
             drop_rollback_cache_request(generation_config)
+            if generation_config.cache_implementation is not None:
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r}: Video-XL keeps its own "
+                    "compressed cache (a BeaconCache holding the video memory), which generate builds; leave "
+                    "cache_implementation unset, or pass a BeaconCache as cache= to reuse a memory"
+                )
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(

@@ -48,6 +48,7 @@ from .video_decoding_videoxl import (
     read_video_frames,
     sample_frames_in_memory,
     source_name,
+    warn_repeated_frames,
 )
 
 
@@ -220,6 +221,7 @@ class VideoXLProcessor(ProcessorMixin):
             frames, meta = self._load_video(video, file_sampling, memory_sampling, f"video {i}")
             pixels.append(frames)
             metadata.append(meta)
+        warn_repeated_frames(metadata)
         counts = [p.shape[0] for p in pixels]
         stacked = torch.stack(pixels) if len(set(counts)) == 1 else torch.cat(pixels)
         processed = {"pixel_values_videos": stacked.numpy(), "video_metadata": metadata, "num_frames": counts}

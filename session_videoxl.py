@@ -27,6 +27,9 @@ from .video_decoding_videoxl import UrlPolicy, UrlStream, check_media_string, is
 
 
 SAMPLING_OPTIONS = ("num_frames", "fps", "max_frames", "video_fps")
+# `chat`'s answer length when neither the call nor the generation config sets one (the released model's
+# generation_config.json has 1024); the library's fallback, max_length=20 prompt included, warns and cuts answers.
+CHAT_MAX_NEW_TOKENS = 1024
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -103,6 +106,8 @@ def chat(
 ) -> tuple[str, BeaconCache]:
     """See [`VideoXLForCausalLM.chat`]."""
     sampling = {key: generate_kwargs.pop(key) for key in SAMPLING_OPTIONS if key in generate_kwargs}
+    if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
+        generate_kwargs["max_new_tokens"] = model.generation_config.max_new_tokens or CHAT_MAX_NEW_TOKENS
     config = model.config
     visual_ids = {config.video_token_id: "video", config.image_token_id: "image"}
     placeholders = {"video": processor.video_token, "image": processor.image_token}
@@ -184,6 +189,24 @@ def sampled_times(metadata) -> list[float]:
         return []
 
 
+def media_mismatch(kind: str, index: int, cached: str, given: str) -> str:
+    """The error for a message item whose `media_key` differs from the one the cache recorded: the same video
+    sampled with other options is named as such, with the options that differ."""
+    cached_source, _, cached_options = cached.rpartition("|")
+    given_source, _, given_options = given.rpartition("|")
+    if cached_source != given_source:
+        return (f"{kind} {index} of the messages is not the one the cache encoded (cache: {cached}, messages: "
+                f"{given}): pass cache=None for another video or image")
+    before, now = json.loads(cached_options or "{}"), json.loads(given_options or "{}")
+    differing = ", ".join(
+        f"{name}={before.get(name)!r} in the cache, {now.get(name)!r} now"
+        for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)
+    )
+    return (f"{kind} {index} of the messages is the one the cache encoded, but sampled with other options "
+            f"({differing}; None: the processor's default): pass the same {', '.join(SAMPLING_OPTIONS)} as the "
+            "call that encoded it, or cache=None to encode it again")
+
+
 def check_reusable_media(
     cache: BeaconCache, runs: list[tuple[str, int]], items: list[tuple[str, Any]], keys: list[str],
     compression_ratio: int | None,
@@ -202,10 +225,7 @@ def check_reusable_media(
         )
     for i, (note, key) in enumerate(zip(notes, keys)):
         if note["source"] != key:
-            raise ValueError(
-                f"{items[i][0]} {i} of the messages is not the one the cache encoded (cache: {note['source']}, "
-                f"messages: {key}): pass cache=None for another video or image"
-            )
+            raise ValueError(media_mismatch(items[i][0], i, note["source"], key))
     ratios = cache.record.ratios
     if runs and compression_ratio is not None and any(r != compression_ratio for r in ratios):
         raise ValueError(

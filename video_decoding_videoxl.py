@@ -191,6 +191,19 @@ class VideoXLVideoMetadata(VideoMetadata):
         return data
 
 
+def warn_repeated_frames(metadata: Sequence[VideoXLVideoMetadata]) -> None:
+    """One warning for a processor call whose sampling repeats frames of some videos (fewer frames than asked).
+
+    The repeats are the original Video-XL's uniform rule, kept for parity with it; transformers' own video
+    processors refuse such a request instead, so the caller is told which videos it concerns and how to avoid it.
+    """
+    short = [f"{meta.source} has {meta.total_num_frames} frames, {len(meta.frames_indices)} sampled"
+             for meta in metadata if len(meta.frames_indices) > meta.total_num_frames]
+    if short:
+        logger.warning("%s: frames are repeated to fill the sampling (as the original Video-XL does); pass "
+                       "num_frames <= the video's frame count, or fps=, to sample each frame once", "; ".join(short))
+
+
 # ----------------------------------------------------------------------------------------------
 # Sources: paths, file:// and remote URLs, bytes, streams
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.prefill import build_model, kv_bytes_per_position, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 
 
 # (question tokens, visual spans as (kind, frames or tiles)): 47 frames and tiles in all.
@@ -129,15 +130,20 @@ def measure(spec: dict, timeout: float, memory: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=("tiny", "small"), default="small")
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=300)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--size", choices=("tiny", "small"), default="small",
+                        help="model size preset (benchmarks/prefill.py)")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per answer")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per child before it counts as skipped")
     parser.add_argument("--json", help="write the records and ratios here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
         return 0

@@ -45,6 +45,11 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.cli import HelpFormatter  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREFIX_TOKENS = 14
@@ -688,21 +693,25 @@ def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("tiny", "small", "7b"), default="small")
-    parser.add_argument("--frames", type=parse_ints, default=parse_ints("32,64,128,256,512,1024"))
-    parser.add_argument("--ratios", type=parse_ints, default=parse_ints("2,4,8,16"))
-    parser.add_argument("--repeats", type=int, default=3)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--size", choices=("tiny", "small", "7b"), default="small",
+                        help="model size preset (random weights)")
+    parser.add_argument("--frames", type=parse_ints, default=parse_ints("32,64,128,256,512,1024"),
+                        help="comma-separated frame counts")
+    parser.add_argument("--ratios", type=parse_ints, default=parse_ints("2,4,8,16"),
+                        help="comma-separated compression ratios")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per point (the median is reported)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the uncompressed baseline (ratio 0)")
     parser.add_argument("--max-baseline-frames", type=int, default=None,
                         help="largest frame count for the baseline (default: 512 on CPU, no limit on CUDA)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
-    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa",
+                        help="attention implementation")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens decoded after the prefill")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the child (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child before it counts as skipped")
     parser.add_argument("--mem-limit-gb", type=float, default=None,
@@ -725,7 +734,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--png", help="plot time, working memory and decode vs frames here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.child:
         # One point in this process, printed as JSON (for profilers: py-spy record -- python prefill.py --child ...).

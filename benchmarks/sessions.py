@@ -34,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.prefill import PREFIX_TOKENS, build_model  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 from scripts.local_import import compat  # noqa: E402
 
 
@@ -131,16 +132,21 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=("tiny", "small", "7b"), default="small")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--size", choices=("tiny", "small", "7b"), default="small",
+                        help="model size preset (benchmarks/prefill.py)")
     parser.add_argument("--frames", default="128,512", help="comma-separated frame counts")
-    parser.add_argument("--questions", type=int, default=10)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--questions", type=int, default=10, help="questions asked about each video")
+    parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per answer")
+    parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write the records here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     import torch
     import transformers

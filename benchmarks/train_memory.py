@@ -34,6 +34,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.cli import HelpFormatter  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANSWER_TOKENS = 12
@@ -142,26 +147,33 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--point", help=argparse.SUPPRESS)
-    parser.add_argument("--size", choices=("tiny", "small", "7b"), default="small")
+    parser.add_argument("--size", choices=("tiny", "small", "7b"), default="small",
+                        help="model size preset (benchmarks/prefill.py)")
     parser.add_argument("--frames", default="32,128,512", help="comma-separated frame counts")
     parser.add_argument("--trainable", default="all,llm,lora", help="comma-separated: all, llm, lora")
-    parser.add_argument("--checkpointing", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
+                        help="activation checkpointing on, off, or both")
     parser.add_argument("--ratio", type=int, default=4, help="compression ratio of every window")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--dtype", default="float32", help="torch dtype of the weights")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation")
     parser.add_argument("--cpu-allocator", choices=("mmap", "glibc"), default="mmap",
                         help="mmap: glibc's mmap threshold fixed at 128 KiB, so peak RSS tracks live tensors; glibc: "
                              "its default dynamic threshold (peak RSS then includes heap fragmentation)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                        help="torch threads (default: $OMP_NUM_THREADS, else 1)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per point before it is skipped")
     parser.add_argument("--skip", default="", help="points not to run, e.g. 'all/off/512,llm/off/512'")
     parser.add_argument("--mem-limit-gb", type=float, default=None, help="address-space cap of each point")
     parser.add_argument("--json", help="write the records here; points already in it are not run again")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.point:
         print(json.dumps(run_point(json.loads(args.point))))
         return 0

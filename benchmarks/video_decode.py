@@ -35,6 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.cli import HelpFormatter  # noqa: E402
+
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -217,18 +222,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--short-minutes", type=float, default=2.0)
-    parser.add_argument("--frames", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0, help="length of the long video")
+    parser.add_argument("--short-minutes", type=float, default=2.0,
+                        help="length of the short cut (pyav-seek's memory check)")
+    parser.add_argument("--frames", type=int, nargs="+", default=[128, 512], help="frame counts to sample")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="decoding methods to run")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of the decoder-only configurations (pyav-seek, decord), interleaved; "
                              "the others run once")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "PATH", "FRAMES"), help=argparse.SUPPRESS)
     parser.add_argument("--agreement", metavar="PATH", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.worker:
         print(json.dumps(run_method(args.worker[0], args.worker[1], int(args.worker[2]))))
         return 0

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.synth import corpus_texts  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 
 PAD, IM_START, IM_END, IMAGE, VIDEO, UNK = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>",
@@ -103,10 +104,14 @@ def build_tiny_tokenizer(out_dir: str | Path):
     return PreTrainedTokenizerFast.from_pretrained(str(out))
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Build the tiny demo tokenizer.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Build the tiny demo tokenizer.", formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     tok = build_tiny_tokenizer(a.out)
     print(f"wrote {a.out}: vocab {len(tok)} tokens")
 

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
 from demo.qa import load  # noqa: E402
 from demo.run import BUNDLED_MODEL, needle_video  # noqa: E402
 from scripts.local_import import session  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 
 read_live_frames = session.read_live_frames
 
@@ -32,19 +33,23 @@ def parse_question(text: str) -> tuple[float, str]:
     return float(seconds), question
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="model dir (default: the bundled demo model)")
     parser.add_argument("--video", type=Path, help="a video file; default: a synthetic needle video")
     parser.add_argument("--ask", type=parse_question, action="append", default=[],
                         help="SECONDS:QUESTION, asked when the video reaches SECONDS (repeatable)")
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
     parser.add_argument("--pace", type=float, default=10.0, help="seconds of video per wall-clock second")
     parser.add_argument("--frames", type=int, default=60, help="length of the synthetic video (1 frame per second)")
-    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=5, help="seed of the synthetic video")
     parser.add_argument("--ratio", type=int, help="compression ratio (default: the model config's)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    args = parser.parse_args()
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     model, processor = load(args.model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
 
 from demo.qa import answer_letter, ask, load  # noqa: E402
 from demo.synth import Question, make_sample, make_tour, write_video  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "model"
 
@@ -89,9 +90,9 @@ def tour(model, processor, seed: int, frames: int, ratio: int | None, out_dir: P
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="model dir (default: the bundled demo model)")
     parser.add_argument("--video", type=Path, help="a video file; default: a fresh synthetic needle video")
     parser.add_argument("--question", help="required with --video")
     parser.add_argument("--num-frames", type=int, help="frames sampled uniformly (default: the processor's)")
@@ -100,7 +101,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=100, help="length of the synthetic video")
     parser.add_argument("--kind", choices=list(QUESTIONS),
                         help="ask one question of this kind about a fresh needle video instead of the tour")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.video and not args.question:
         parser.error("--video needs --question")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import functools
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -30,6 +31,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.cli import HelpFormatter  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary of the task: everything a question, option or answer can contain comes from here,
@@ -941,21 +947,26 @@ def to_conversation(sample: Sample, video: object, with_answer: bool = False) ->
     return messages
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="sample seed")
+    p.add_argument("--frames", type=int, default=40, help="video length in frames")
+    p.add_argument("--kind", choices=KINDS, default="retrieval", help="question kind")
+    p.add_argument("--attribute", choices=ATTRIBUTES, default=None,
+                   help="retrieval: the needle attribute asked about (default: random)")
+    p.add_argument("--depth", type=float, default=None, help="percent 0..100")
+    p.add_argument("--needle-len", type=int, default=1, help="frames each needle stays on screen")
+    p.add_argument("--distractors", type=int, default=0, help="distractor shapes shown besides the needle")
+    p.add_argument("--no-needle", action="store_true", help="control: same video, no needle")
+    p.add_argument("--haystack", choices=list(HAYSTACKS), default=None, help="background style (default: random)")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate of the written mp4")
+    p.add_argument("--out", type=Path, default=None, help="mp4 path (omit to only print)")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: write one sample's video and print its question and answer."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=40)
-    p.add_argument("--kind", choices=KINDS, default="retrieval")
-    p.add_argument("--attribute", choices=ATTRIBUTES, default=None)
-    p.add_argument("--depth", type=float, default=None, help="percent 0..100")
-    p.add_argument("--needle-len", type=int, default=1)
-    p.add_argument("--distractors", type=int, default=0)
-    p.add_argument("--no-needle", action="store_true", help="control: same video, no needle")
-    p.add_argument("--haystack", choices=list(HAYSTACKS), default=None)
-    p.add_argument("--fps", type=float, default=10.0)
-    p.add_argument("--out", type=Path, default=None, help="mp4 path (omit to only print)")
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     s = make_sample(a.seed, a.frames, a.kind, a.depth, not a.no_needle, attribute=a.attribute,
                     needle_len=a.needle_len, distractors=a.distractors, haystack=a.haystack)
     if a.out is not None:

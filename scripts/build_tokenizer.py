@@ -26,6 +26,11 @@ from tokenizers import AddedToken, Tokenizer, normalizers
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.cli import HelpFormatter  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,11 +127,15 @@ def check(out_dir: Path, tiktoken_file: Path) -> None:
           f"padding_side={tok.padding_side!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT, help="output folder (default: repo root)")
     parser.add_argument("--check", action="store_true", help="verify the written files against tiktoken")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     tiktoken_file = qwen_tiktoken_file()
     write_tokenizer(build_backend(tiktoken_file), args.out)
     print(f"wrote {args.out / 'tokenizer.json'} and {args.out / 'tokenizer_config.json'}")

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.local_import import CODE_FILES, VideoXLConfig, configuration  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 
 
 CLIP_L_336 = configuration.CLIP_L_336
@@ -242,8 +243,8 @@ def convert(
     return output_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="checkpoint directory written by the original code")
     parser.add_argument("--output", type=Path, required=True, help="directory to write")
     parser.add_argument("--vision-tower", type=Path, help="CLIP directory whose config.json describes the tower")
@@ -258,7 +259,11 @@ def main() -> None:
         action="append",
         help="Hub id for the card's base_model, repeatable (default: this README's, the released checkpoint's)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = convert(args.input, args.output, args.vision_tower, args.processor, args.base_model)
     print(f"wrote {out}")
 

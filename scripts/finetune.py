@@ -58,6 +58,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.collator import VideoXLCollator, checked_samples  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 from scripts.local_import import compat  # noqa: E402
 
 
@@ -76,9 +77,9 @@ ACTIVATION_CHECKPOINTING = compat.ACTIVATION_CHECKPOINTING
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def option(default=None, help: str = "", dashed: str | None = None, required: bool = False):
-    """A dataclass field for HfArgumentParser; `dashed` adds the `--with-dashes` spelling of the flag."""
-    metadata = {"help": help, **({"aliases": [dashed]} if dashed else {})}
+def option(default=None, help: str = "", metavar: str | None = None, required: bool = False, **argparse_kwargs):
+    """A dataclass field for HfArgumentParser (which adds the `--with-dashes` spelling of every flag itself)."""
+    metadata = {"help": help, **({"metavar": metavar} if metavar else {}), **argparse_kwargs}
     return field(metadata=metadata) if required else field(default=default, metadata=metadata)
 
 
@@ -86,30 +87,28 @@ def option(default=None, help: str = "", dashed: str | None = None, required: bo
 class ProjectArguments:
     """The project's own options; everything else is `TrainingArguments`."""
 
-    model: str = option(help="model dir (weights, config and code files) or hub id", required=True)
-    data: str = option(help="JSON-lines (or JSON list) file of chat samples", required=True)
-    processor: str | None = option(help="processor dir (default: --model)")
-    media_root: str | None = option(help="folder of relative media paths (default: the data file's)",
-                                    dashed="--media-root")
-    attn_implementation: str | None = option(help="eager, sdpa or flash_attention_2 (default: config)",
-                                             dashed="--attn-implementation")
-    train: str = option("all", help="all: everything, vision tower included; llm: decoder, embeddings, lm_head and "
-                                    "VST parameters; vst: VST parameters only; projector: the mm_projector; lora: "
-                                    "LoRA adapters")
-    lora_r: int = option(16, dashed="--lora-r")
-    lora_alpha: int = option(32, dashed="--lora-alpha")
-    lora_dropout: float = option(0.05, dashed="--lora-dropout")
-    merge: bool = option(False, help="LoRA: also save the merged full model in OUTPUT_DIR/merged")
-    ratios: list[int] | None = option(help="ratios drawn per window in training, e.g. --ratios 2 4 8 "
-                                           "(default: the config's beacon_train_ratios)")
-    ratio: int | None = option(help="one fixed ratio for every window")
-    num_frames: int | None = option(help="frames per video (default: the processor's)", dashed="--num-frames")
+    _argument_group_name = "project options"
+
+    model: str = option(help="model dir (weights, config, code files) or hub id", metavar="DIR", required=True)
+    data: str = option(help="JSON-lines (or JSON list) file of chat samples", metavar="FILE", required=True)
+    processor: str | None = option(help="processor dir (default: --model)", metavar="DIR")
+    media_root: str | None = option(help="folder of relative media paths (default: the data file's)", metavar="DIR")
+    attn_implementation: str | None = option(help="eager, sdpa or flash_attention_2 (default: the config's)",
+                                             metavar="NAME")
+    train: str = option("all", help="what trains: all (vision tower too); llm (decoder, embeddings, lm_head, VST "
+                                    "weights); vst (VST weights); projector; lora (adapters)", choices=TRAIN_MODES)
+    lora_r: int = option(16, help="LoRA rank", metavar="R")
+    lora_alpha: int = option(32, help="LoRA scaling numerator (scale = alpha / r)", metavar="A")
+    lora_dropout: float = option(0.05, help="dropout on the LoRA adapters' input", metavar="P")
+    merge: bool = option(False, help="lora: also save the merged full model in OUTPUT_DIR/merged")
+    ratios: list[int] | None = option(help="ratios drawn per window, e.g. 2 4 8 (default: the config's "
+                                           "beacon_train_ratios)", metavar="R")
+    ratio: int | None = option(help="one fixed ratio for every window", metavar="R")
+    num_frames: int | None = option(help="frames per video (default: the processor's)", metavar="N")
     fps: float | None = option(help="sample frames at this rate instead")
-    max_frames: int | None = option(help="cap on frames per video", dashed="--max-frames")
-    max_length: int | None = option(help="refuse samples longer than this many tokens (checked before training)",
-                                    dashed="--max-length")
-    log_ratios: str | None = option(help="write the ratio of every window drawn, per step and process, to "
-                                         "DIR/ratios.rank{N}.jsonl", dashed="--log-ratios")
+    max_frames: int | None = option(help="cap on frames per video", metavar="N")
+    max_length: int | None = option(help="refuse samples longer than N tokens (checked before training)", metavar="N")
+    log_ratios: str | None = option(help="log each window's ratio to DIR/ratios.rank{N}.jsonl", metavar="DIR")
 
     def __post_init__(self):
         if self.train not in TRAIN_MODES:
@@ -121,6 +120,8 @@ class ProjectArguments:
 @dataclass
 class VideoXLTrainingArguments(compat.ActivationCheckpointingArguments, TrainingArguments):
     """`TrainingArguments` with the project's defaults."""
+
+    _argument_group_name = "Trainer options (transformers' TrainingArguments, each under its own name)"
 
     # Samples batch together only with the same prompt layout (visual tokens in the same columns): one by default.
     per_device_train_batch_size: int = field(default=1, metadata={"help": "samples per process and micro-batch"})
@@ -139,9 +140,18 @@ class VideoXLTrainingArguments(compat.ActivationCheckpointingArguments, Training
         super().__post_init__()
 
 
+def build_parser() -> HfArgumentParser:
+    """The command line: the project's options, then every `TrainingArguments` flag in a group of its own."""
+    return HfArgumentParser(
+        (ProjectArguments, VideoXLTrainingArguments),
+        usage="%(prog)s --model DIR --data FILE --output_dir DIR [project options] [Trainer options]",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # the examples; the rest of the docstring is on data
+        formatter_class=HelpFormatter,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ProjectArguments, VideoXLTrainingArguments]:
-    parser = HfArgumentParser((ProjectArguments, VideoXLTrainingArguments), description=__doc__)
-    project, training = parser.parse_args_into_dataclasses(args=argv)
+    project, training = build_parser().parse_args_into_dataclasses(args=argv)
     return project, training
 
 

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fo
 from demo.qa import answer_letter, ask, load  # noqa: E402
 from demo.synth import ATTRIBUTES, make_sample  # noqa: E402
 from scripts.local_import import processing  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 
 
 def parse_list(text: str, kind=int) -> list:
@@ -161,27 +162,35 @@ def run_suite(model, processor, args) -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--frames", type=parse_list, default=[10, 40, 100])
-    parser.add_argument("--depths", type=lambda t: parse_list(t, float), default=[0, 25, 50, 75, 100])
-    parser.add_argument("--ratio", type=int, default=16)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", required=True, help="model dir with remote code (e.g. demo/model)")
+    parser.add_argument("--frames", type=parse_list, default=[10, 40, 100],
+                        help="comma-separated video lengths in frames")
+    parser.add_argument("--depths", type=lambda t: parse_list(t, float), default=[0, 25, 50, 75, 100],
+                        help="comma-separated needle depths, percent of the video")
+    parser.add_argument("--ratio", type=int, default=16, help="compression ratio")
     parser.add_argument("--samples", type=int, default=20, help="questions per (frames, depth) cell")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kind", default="retrieval", choices=["retrieval", "ordering", "counting"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first sample")
+    parser.add_argument("--kind", default="retrieval", choices=["retrieval", "ordering", "counting"],
+                        help="question kind")
     parser.add_argument("--no-needle", action="store_true", help="control: the same questions, no needle shown")
     parser.add_argument("--attributes", type=lambda t: parse_list(t, str), default=list(ATTRIBUTES),
                         help=f"retrieval questions cycle through these (of {','.join(ATTRIBUTES)}); needles carry a "
                              "digit only when digits are asked about")
     parser.add_argument("--haystack", help="a haystack video file (the original's protocol)")
     parser.add_argument("--needles", help="JSON list of needle images and questions (with --haystack)")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--png", type=Path)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--png", type=Path, help="plot the accuracy grid here")
     parser.add_argument("--suite", type=Path, help="run every needle goal of the bundled model into this folder "
                                                    "(--samples per cell; the other task options are the suite's)")
     parser.add_argument("--ratios", type=parse_list, default=[16, 8, 4, 2], help="the suite's ratios")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if unknown := set(args.attributes) - set(ATTRIBUTES):
         parser.error(f"--attributes: unknown {sorted(unknown)}; expected some of {','.join(ATTRIBUTES)}")

@@ -36,6 +36,7 @@ from demo.build_tiny_tokenizer import SPACE_MARK, build_tiny_tokenizer  # noqa: 
 from demo.synth import COLOURS, COUNTS, KINDS, POSITIONS, SHAPES, Needle, Sample, make_sample  # noqa: E402
 from scripts.collator import VideoXLCollator  # noqa: E402
 from scripts.local_import import CODE_FILES, REPO_ROOT, VideoXLConfig, VideoXLForCausalLM, processing  # noqa: E402
+from scripts.cli import HelpFormatter  # noqa: E402
 
 FRAME_SIZE, PATCH, TOKENS_PER_FRAME, WINDOW_FRAMES = 224, 28, 16, 10
 MAX_WINDOWS = 20  # 200 frames: the longest video the needle goals ask about
@@ -454,20 +455,25 @@ def link_code_files(output: Path) -> None:
         target.symlink_to(os.path.relpath(REPO_ROOT / name, output))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "demo" / "model")
-    parser.add_argument("--steps", type=int, default=10000)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "demo" / "model",
+                        help="where the trained model is written (default: demo/model)")
+    parser.add_argument("--steps", type=int, default=10000, help="training steps after the vision probe")
     parser.add_argument("--vision-steps", type=int, default=2500, help="stage 1: the vision probe steps (0: skip)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--group-size", type=int, default=8, help="samples per step (one frame count)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/videoxl_train_tiny"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/videoxl_train_tiny"), help="checkpoints and logs")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --work-dir")
     parser.add_argument("--init", type=Path, help="start from this model's weights (e.g. demo/model) instead of random")
     parser.add_argument("--start-progress", type=float, default=0.0,
                         help="skip the curriculum up to this point (0.25: long videos and every kind from the start)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     torch.manual_seed(args.seed)
     tokenizer = build_tiny_tokenizer(args.work_dir / "tokenizer")

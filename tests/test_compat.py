@@ -3,6 +3,7 @@ and the cache reachable under both of its names on every supported release."""
 
 import copy
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def test_an_unsupported_transformers_is_refused_with_the_supported_range(monkeyp
         compat.check_transformers_version()
 
 
-@pytest.mark.parametrize("version", ["5.10.0", "5.17.2", "5.23.0", "5.24.0", "5.99.1"])
+@pytest.mark.parametrize("version", ["5.10.0", "5.17.2", "5.23.0", "5.24.0", "5.25.0", "5.99.1"])
 def test_a_supported_transformers_passes(monkeypatch, version):
     monkeypatch.setattr(transformers, "__version__", version)
     compat.check_transformers_version()
@@ -101,6 +102,18 @@ def test_activation_checkpointing_names_work_on_every_release(tmp_path):
     model.activation_checkpointing_disable()
     assert not model.is_gradient_checkpointing
     assert hasattr(model, f"{compat.ACTIVATION_CHECKPOINTING}_enable")  # the library's own name
+
+
+def test_wrapping_the_model_with_peft_warns_nothing():
+    # PEFT reads `is_gradient_checkpointing`, which the library deprecated in 5.23 (a FutureWarning per wrap).
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        get_peft_model(model, LoraConfig(target_modules=r"model\.layers\.\d+\.self_attn\.q_proj"))
+    model.activation_checkpointing_enable()
+    assert model.is_gradient_checkpointing
 
 
 @pytest.mark.parametrize("flag", ["--activation_checkpointing", "--gradient_checkpointing"])

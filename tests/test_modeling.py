@@ -269,6 +269,14 @@ def test_vst_weights_matter():
 # ---- errors -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("implementation", ["static", "offloaded"])
+def test_a_cache_implementation_request_says_the_model_keeps_its_own_cache(implementation):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}'.*keeps its own compressed cache"):
+        model.generate(video_prompt(2), pixel_values_videos=random_frames(2), max_new_tokens=2,
+                       cache_implementation=implementation)
+
+
 def test_ratio_that_does_not_divide_the_window_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"allowed values: \[1, 2, 4, 8, 16\], got 3"):

@@ -327,6 +327,19 @@ def test_short_video_repeats_frames(processor, videos):
     assert meta.frames_indices[:4] == [0, 0, 1, 1]
 
 
+def test_a_call_that_repeats_frames_warns_once_naming_the_short_videos(processor, videos, caplog):
+    short, enough = str(videos["h264_mp4"]), str(videos["mpeg4_mp4"])  # 40 frames each
+    with caplog.at_level("WARNING"):
+        processor(return_tensors="pt", text="<video><video>", videos=[short, enough], num_frames=60)
+    warnings = [r.getMessage() for r in caplog.records if "frames are repeated" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "h264" in warnings[0] and "mpeg4" in warnings[0] and "has 40 frames, 60 sampled" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        processor(return_tensors="pt", text="<video>", videos=short, num_frames=40)
+    assert not [r for r in caplog.records if "frames are repeated" in r.getMessage()]
+
+
 def test_default_is_128_uniform_frames(processor, videos):
     out = processor(return_tensors="pt", text="<video>", videos=str(videos["mpeg4_mp4"]), return_metadata=True)
     assert out["pixel_values_videos"].shape == (1, 128, 3, 336, 336)

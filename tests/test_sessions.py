@@ -3,6 +3,8 @@
 The shipped demo model (4 layers, its own tiny tokenizer and processor) runs the conversations in fp32, greedy.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -153,14 +155,34 @@ def test_a_video_file_is_recognised_by_path_and_a_changed_file_is_not_reused(dem
         model.chat(processor, ask(str(path), QUESTIONS[1]), cache=cache, **ANSWER)
 
 
+def test_chat_takes_its_answer_length_from_the_generation_config(demo, frames, monkeypatch):
+    model, processor = demo
+    messages = ask(frames, QUESTIONS[0])
+    monkeypatch.setattr(model.generation_config, "max_new_tokens", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the library's "model-agnostic default max_length" warning
+        answer, cache = model.chat(processor, messages, num_frames=FRAMES)
+    assert answer == model.chat(processor, messages, num_frames=FRAMES, max_new_tokens=1)[0]
+    assert len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 1
+    monkeypatch.setattr(model.generation_config, "max_new_tokens", None)  # none set: chat's own default, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        answer = model.chat(processor, messages, num_frames=FRAMES)[0]
+    assert answer == model.chat(processor, messages, num_frames=FRAMES, max_new_tokens=1024)[0]
+
+
 def test_misused_caches_are_refused(demo, frames):
     model, processor = demo
     _, cache = model.chat(processor, ask(frames, QUESTIONS[0]), **ANSWER)
     other = frames[::-1]
     with pytest.raises(ValueError, match="not the one the cache encoded"):
         model.chat(processor, ask(other, QUESTIONS[0]), cache=cache, **ANSWER)
-    with pytest.raises(ValueError, match="sampling|not the one"):  # other frames sampled from the same video
+    # the same video, other frames: the message names the sampling options that differ
+    with pytest.raises(ValueError, match=r"is the one the cache encoded, but sampled with other options "
+                                         r"\(num_frames=20 in the cache, 10 now"):
         model.chat(processor, ask(frames, QUESTIONS[0]), cache=cache, max_new_tokens=6, num_frames=10)
+    with pytest.raises(ValueError, match=r"num_frames=20 in the cache, None now; None: the processor's default"):
+        model.chat(processor, ask(frames, QUESTIONS[0]), cache=cache, max_new_tokens=6)
     with pytest.raises(ValueError, match="compressed at ratio"):
         model.chat(processor, ask(frames, QUESTIONS[0]), cache=cache, compression_ratio=8, **ANSWER)
     with pytest.raises(ValueError, match="only 0"):
