@@ -206,3 +206,36 @@ def test_missing_or_undecodable_video_is_one_error_and_the_run_goes_on(needle_di
     assert len(by_doc[1]) == 1 and "garbage.mkv" in by_doc[1][0]
     assert "Traceback" not in "".join(ours)
     assert sorted(doc_id for _, doc_id, _ in lm.failed_docs) == [0, 1]
+
+
+def test_multi_round_follow_ups_equal_the_whole_conversation_asked_fresh(needle_dir, harness):
+    """`generate_until_multi_round`: round 2 is a `model.chat` follow-up on round 1's cache; it equals asking the
+    whole conversation (question, answer, follow-up) with no cache."""
+    from lmms_eval.api.instance import Instance
+
+    doc = read_docs(needle_dir)[0]
+    follow_up = read_docs(needle_dir)[1]["question"]
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        return None, follow_up, round_idx >= 2, previous_output, previous_round_info
+
+    lm = videoxl()
+    lm.task_dict = {"needle": {"test": [doc]}}
+    request = Instance(
+        request_type="generate_until_multi_round",
+        arguments=(doc["question"], {"max_new_tokens": 4}, lambda d: [d["video"]], doc_to_text, 0, "needle", "test"),
+        idx=0, metadata={"task": "needle", "doc_id": 0, "repeats": 1},
+    )
+    (rounds,) = lm.generate_until_multi_round([request])
+    assert len(rounds) == 2
+    model, processor = harness
+    video = {"type": "video", "path": doc["video"]}
+    first, _ = model.chat(processor, [{"role": "user", "content": [video, {"type": "text", "text": doc["question"]}]}],
+                          fps=1, max_new_tokens=4)
+    conversation = [
+        {"role": "user", "content": [video, {"type": "text", "text": doc["question"]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": first}]},
+        {"role": "user", "content": [{"type": "text", "text": follow_up}]},
+    ]
+    second, _ = model.chat(processor, conversation, fps=1, max_new_tokens=4)
+    assert rounds == [first, second]
