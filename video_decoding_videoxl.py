@@ -607,12 +607,22 @@ def _report(problems: list[str], name: str, allow_partial: bool) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _decodable_frames(container: "av.container.InputContainer", stream: Any) -> Iterator[Any]:
+    """The frames of `stream` up to the end or to the first packet the codec refuses. PyAV before 18 raises
+    `InvalidDataError` for the cut last packet of a truncated file where later releases end the stream; either way
+    the frames after it are not there, and the callers report them as missed."""
+    try:
+        yield from container.decode(stream)
+    except av.error.InvalidDataError as err:
+        logger.debug("decoding stopped at a packet the codec refuses: %s", err)
+
+
 class _ForwardDecoder:
     """Decodes forward from the current position, remembering the last frame (targets may share it)."""
 
     def __init__(self, container: "av.container.InputContainer", stream: "av.video.stream.VideoStream",
                  size: _FrameSize) -> None:
-        self._frames = container.decode(stream)
+        self._frames = _decodable_frames(container, stream)
         self._size = size
         self.frame = None
 
@@ -682,7 +692,7 @@ def _decode_sequentially(
     """Yield (frame index, frame) for sorted unique `wanted` by counting decoded frames (no timestamps)."""
     stream = container.streams.video[0]
     wanted_list, position, last, size = [int(i) for i in wanted], 0, None, _FrameSize(index)
-    for count, frame in enumerate(container.decode(stream)):
+    for count, frame in enumerate(_decodable_frames(container, stream)):
         size.check(frame)
         last = frame
         while position < len(wanted_list) and wanted_list[position] == count:

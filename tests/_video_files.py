@@ -6,6 +6,8 @@ binary as big blocks), so a wrong frame index shows up as a pixel difference.
 
 from __future__ import annotations
 
+import math
+import struct
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -56,7 +58,7 @@ def write_video(
     width, height = size
     with av.open(str(path), "w", format=container_format, options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
-        if rotation is not None:
+        if rotation is not None and hasattr(stream, "set_display_rotation"):  # PyAV >= 18
             stream.set_display_rotation(rotation)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop
@@ -74,7 +76,25 @@ def write_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    if rotation is not None and not hasattr(stream, "set_display_rotation"):
+        write_mp4_display_matrix(path, rotation)
     return path
+
+
+def write_mp4_display_matrix(path: Path, degrees: int) -> None:
+    """Write the display matrix of an MP4's first track (its `tkhd` box) in place, as `set_display_rotation`
+    does on PyAV >= 18 (turn `degrees` counter-clockwise; a, b, c, d in
+    16.16 fixed point, w = 1 in 2.30). Older PyAV cannot write one, and the lmms-eval venv has PyAV 15."""
+    data = bytearray(path.read_bytes())
+    box = data.find(b"tkhd")
+    if box < 0:
+        raise ValueError(f"{path}: no tkhd box (not an MP4?)")
+    version = data[box + 4]
+    matrix_at = box + 4 + (4 + 8 + 8 + 4 + 4 + 8 if version == 1 else 4 + 4 + 4 + 4 + 4 + 4) + 8 + 8
+    radians = math.radians(degrees)  # the sign ffmpeg reads back as `degrees` from an MP4's tkhd
+    cos, sin = round(math.cos(radians) * 65536), round(math.sin(radians) * 65536)
+    data[matrix_at : matrix_at + 36] = struct.pack(">9i", cos, -sin, 0, sin, cos, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
 
 
 def write_audio_only(path: Path) -> Path:
