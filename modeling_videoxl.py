@@ -793,15 +793,17 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 input_ids, valid, visual, cache, compression_ratio, output_columns, use_cache, output_hidden_states
             )
         steps = self.plan(input_ids, visual, compression_ratio)
-        columns = torch.arange(input_ids.shape[1], device=input_ids.device) if output_columns is None else output_columns
 
         outputs, kept_states = [], []
         for step in steps:
             layer_states = [] if output_hidden_states else None
             hidden_states = self.run_step(step, input_ids, inputs_embeds, visual, valid, cache, layer_states)
-            wanted = columns if len(steps) == 1 else columns[(columns >= step.start) & (columns < step.end)]
-            if wanted.numel():
-                outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
+            if output_columns is None and not step.is_window:
+                outputs.append(self.norm(hidden_states))
+            else:
+                wanted = self.columns_of_step(step, output_columns, len(steps) == 1, hidden_states.device)
+                if wanted.numel():
+                    outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
             if output_hidden_states:
                 kept_states.append(self.kept_rows(step, layer_states))
         self.warn_beyond_max_positions(cache)
@@ -810,6 +812,17 @@ class VideoXLModel(VideoXLPreTrainedModel):
             hidden_states=self.kept_hidden_states(kept_states) if output_hidden_states else None,
             **cache_field(cache if use_cache is not False else None),
         )
+
+    @staticmethod
+    def columns_of_step(
+        step: Step, output_columns: torch.Tensor | None, single: bool, device: torch.device
+    ) -> torch.Tensor:
+        """The output columns `[n]` inside a step (all of its columns when `output_columns` is None)."""
+        if output_columns is None:
+            return torch.arange(step.start, step.end, device=device)
+        if single:
+            return output_columns
+        return output_columns[(output_columns >= step.start) & (output_columns < step.end)]
 
     def checked_inputs(
         self,

@@ -441,3 +441,26 @@ def test_one_encoded_video_answers_several_questions_from_copies_of_its_cache():
             whole = logits_of(model, torch.cat([video, torch.tensor([question])], dim=1), pixel_values_videos=pixels)
             torch.testing.assert_close(answer, whole[:, -len(question):], atol=1e-5, rtol=1e-5)
     assert cache.get_seq_length() == 4 + frames * TOKENS_PER_FRAME // 4
+
+
+def test_decoding_after_a_video_plans_and_checks_visual_input_once_and_hashes_the_config_once(monkeypatch):
+    """Decode steps take the text path: after the prefill, no planner, no visual checks; the model's identity is
+    computed once (not per call) and the answer equals a fresh model's."""
+    expected = tiny_model().generate(video_prompt(6), pixel_values_videos=random_frames(6), max_new_tokens=8,
+                                     do_sample=False)
+    calls = {"plan_steps": 0, "from_pixels": 0, "model_identity": 0}
+
+    def counted(name, original):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(modeling, "plan_steps", counted("plan_steps", modeling.plan_steps))
+    monkeypatch.setattr(modeling, "model_identity", counted("model_identity", modeling.model_identity))
+    monkeypatch.setattr(modeling.VisualInputs, "from_pixels",
+                        classmethod(counted("from_pixels", modeling.VisualInputs.from_pixels.__func__)))
+    model = tiny_model()
+    got = model.generate(video_prompt(6), pixel_values_videos=random_frames(6), max_new_tokens=8, do_sample=False)
+    assert got.tolist() == expected.tolist()
+    assert calls == {"plan_steps": 1, "from_pixels": 1, "model_identity": 1}
