@@ -16,8 +16,11 @@ Lengths, one per question:
 - `next_positions()`: per sample, the position the next token takes (valid rows kept; padding does not count).
 """
 
+import functools
 import hashlib
+import hmac
 import json
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +29,19 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .cache_file_videoxl import load_cache, save_cache
+from .cache_file_videoxl import load_cache, save_cache, sign
 from .compat_videoxl import crop_count
+
+
+def holding_lock(method):
+    """Run a cache method holding the cache's lock (see `BeaconCache.lock`)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class BeaconLayer(DynamicLayer):
@@ -92,6 +106,33 @@ def model_identity(config) -> str:
             "spatial_pool_stride")},
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Elements read from each parameter for its fingerprint: enough that retrained or other weights differ, few enough
+# that a 7B model is fingerprinted in well under a second.
+FINGERPRINT_SAMPLES = 1024
+
+
+def weights_fingerprint(module: torch.nn.Module) -> bytes:
+    """A deterministic 32-byte fingerprint of a module's weights (name, shape, dtype and up to
+    `FINGERPRINT_SAMPLES` evenly spaced values of every parameter and buffer). Not a hash of every byte: it tells
+    other weights of the same config apart (another seed, another fine-tune), cheaply. Weights not materialised
+    (meta device, sharded to nothing) count by name and shape only."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted([*module.named_parameters(), *module.named_buffers()], key=lambda item: item[0]):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor: this rank's shard
+        if tensor.is_meta or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        stride = max(flat.numel() // FINGERPRINT_SAMPLES, 1)
+        digest.update(flat[::stride][:FINGERPRINT_SAMPLES].float().cpu().numpy().tobytes())
+    return digest.digest()
+
+
+def weights_tag(key: bytes) -> str:
+    """The public name of a weights fingerprint (the fingerprint itself is the key that signs cache files)."""
+    return hashlib.sha256(b"videoxl-weights-tag:" + key).hexdigest()[:16]
 
 
 _DIGEST_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
@@ -171,11 +212,28 @@ class BeaconCache(Cache):
     (`key_mask` `[batch, kept]`, False for padding rows that are never attended to), the compressed boundary
     (`compressed_rows`) and the [`MemoryRecord`] (`record`). See the module docstring for its lengths."""
 
-    def __init__(self, num_layers: int, model_id: str | None = None):
+    def __init__(self, num_layers: int, model_id: str | None = None, key: bytes | None = None):
         super().__init__(layers=[BeaconLayer() for _ in range(num_layers)])
         self.key_mask: torch.Tensor | None = None
         self.compressed_rows = 0
         self.record = MemoryRecord(model_id=model_id)
+        # The weights fingerprint of the model the cache is bound to: it signs the cache's files (never saved).
+        self.key = key
+        # A cache read from a file: (path, content digest, signature), checked by the first model that uses it.
+        self.seal: tuple[str, bytes, str] | None = None
+        # Every public entry that changes the cache (the model's forward/generate/chat with it, LiveVideo, crop,
+        # rewind, align, restore, save) holds this lock: callers on several threads are served one at a time.
+        # Re-entrant: generate holds it across the forwards it makes.
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["lock"]  # a lock cannot be copied or pickled; a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     def next_positions(self) -> torch.Tensor | None:
         """`[batch]`: the position the next token of each sample takes (its valid kept rows); None while empty."""
@@ -189,15 +247,28 @@ class BeaconCache(Cache):
 
     # ---- writing: one step at a time -------------------------------------------------------------------------------
 
-    def bind(self, model_id: str) -> None:
-        """Tie an empty cache to a model; refuse a cache written by a model of another config."""
+    def bind(self, model_id: str, key: bytes | None = None) -> None:
+        """Tie an empty cache to a model (its identity and weights fingerprint `key`); refuse a cache written by a
+        model of another config or with other weights, and a cache file whose signature is not this model's."""
         if self.record.model_id is None and self.record.absorbed_length == 0:
             self.record.model_id = model_id
         elif self.record.model_id != model_id:
             raise ValueError(
-                f"this cache was written by a model with another config (identity {self.record.model_id}, this "
-                f"model {model_id}); its memory cannot be read by this model. Start from cache=None."
+                f"this cache was written by a model with another config or other weights (identity "
+                f"{self.record.model_id}, this model {model_id}); its memory cannot be read by this model. Start "
+                "from cache=None."
             )
+        if key is None:
+            return
+        if self.seal is not None:
+            path, content_digest, signature = self.seal
+            if not hmac.compare_digest(sign(key, content_digest), signature):
+                raise ValueError(
+                    f"{path} is not signed by this model's weights: the file was altered after it was saved (its "
+                    "metadata, tensors or checksum), or written by other weights. Build the cache again."
+                )
+            self.seal = None
+        self.key = key
 
     def commit(
         self,
@@ -235,6 +306,7 @@ class BeaconCache(Cache):
             self.record.ratios.append(ratio)
             self.compressed_rows = self.get_seq_length()
 
+    @holding_lock
     def stack(self, caches: list["BeaconCache"], absorbed_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Fill this empty cache with the samples of single-sample caches (each `[1, ...]`), e.g. prompts
         prefilled one at a time.
@@ -278,7 +350,7 @@ class BeaconCache(Cache):
             kept.append((keys, values))
             for layer in layers:
                 layer.reset()
-        self.bind(caches[0].record.model_id)
+        self.bind(caches[0].record.model_id, caches[0].key)
         self.commit(kept, valid, absorbed_ids)
         self.compressed_rows = longest - min(min(tail, end) for tail, end in zip(tails, unpadded_ends))
         self.record.ratios = [ratio for cache in caches for ratio in cache.record.ratios]
@@ -300,6 +372,7 @@ class BeaconCache(Cache):
         # assisted decoding's rollback removes.
         return True
 
+    @holding_lock
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` rows (transformers' convention: a negative count, 0 = nothing).
 
@@ -330,6 +403,7 @@ class BeaconCache(Cache):
         ids = self.record.absorbed_ids[:, :-remove]
         self.record.id_pieces = [ids] if ids.shape[1] else []
 
+    @holding_lock
     def rewind(self, absorbed_length: int) -> None:
         """Forget the absorbed columns after the first `absorbed_length` (raw text only, as `crop`)."""
         if not 0 <= absorbed_length <= self.record.absorbed_length:
@@ -350,6 +424,7 @@ class BeaconCache(Cache):
             "model_id": self.record.model_id,
         }
 
+    @holding_lock
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Return to an earlier [`checkpoint`] of this cache, compressed windows included: memory only ever grows
         by appending, so every earlier extent is a whole cache. (Views: nothing is copied.)"""
@@ -382,6 +457,7 @@ class BeaconCache(Cache):
 
     # ---- checks ------------------------------------------------------------------------------------------------------
 
+    @holding_lock
     def align(self, input_ids: torch.Tensor) -> None:
         """Make the cache a prefix of `input_ids` `[batch, seq]`, leaving at least one column to run.
 
@@ -433,14 +509,17 @@ class BeaconCache(Cache):
 
     # ---- on disk (the format: cache_file_videoxl.py) ---------------------------------------------------------------
 
+    @holding_lock
     def save(self, path: str | Path) -> None:
         """Write the memory to one safetensors file (see `cache_file_videoxl.save_cache`)."""
         save_cache(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "BeaconCache":
-        """Read a cache written by [`save`]. `device`/`dtype`: where and in which float type to put the keys and
-        values (default: CPU, as saved). A file that is not a complete cache of this format raises `ValueError`."""
+        """Read a cache written by [`save`]. `device`/`dtype`: where and in which floating type to put the keys and
+        values (default: CPU, as saved; the model casts them to its own dtype at first use). A file that is not a
+        complete, consistent cache of this format raises `ValueError` naming it; the first model that uses the cache
+        checks the file's signature against its weights."""
         return load_cache(cls, path, device, dtype)
 
 

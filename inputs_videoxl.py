@@ -163,6 +163,29 @@ def check_input_ids(input_ids: torch.Tensor | None, config: VideoXLConfig) -> No
         )
 
 
+def check_attention_mask(attention_mask: torch.Tensor) -> None:
+    """An `attention_mask` `[batch, columns]` may pad a prompt on the left or on the right, not inside it: a zero
+    between ones of a row (e.g. over a video's columns) would silently change what the prompt means, and a row of
+    zeros is a sample without a token."""
+    tokens = attention_mask.bool()
+    empty = (~tokens.any(dim=1)).nonzero()
+    if empty.numel():
+        raise ValueError(
+            f"attention_mask of sample {int(empty[0])} is all zeros: that sample has no token to run. Drop it from "
+            "the batch (1 = token, 0 = padding)."
+        )
+    before = tokens.long().cummax(dim=1).values.bool()  # a token at or before the column
+    after = tokens.flip(1).long().cummax(dim=1).values.flip(1).bool()  # a token at or after it
+    holes = (~tokens & before & after).nonzero()
+    if holes.numel():
+        sample, column = holes[0].tolist()
+        raise ValueError(
+            f"attention_mask of sample {sample} has a hole: 0 at column {column} between tokens (1). Padding may "
+            "only come before a prompt (left) or after it (right); to leave out part of a prompt (a video's "
+            "columns), leave it out of input_ids."
+        )
+
+
 def is_plain_text(input_ids: torch.Tensor, config: VideoXLConfig) -> bool:
     """Whether `input_ids` `[batch, seq]` are vocabulary ids without a visual token (a decode step, a question): such
     a call runs as one text step without the planner and the visual checks. Anything else takes the general path,
@@ -203,5 +226,5 @@ def check_output_attentions(output_attentions: bool | None) -> None:
         )
 
 
-__all__ = ["VisualInputs", "check_input_ids", "check_inputs_embeds", "check_output_attentions", "check_pixel_values",
+__all__ = ["VisualInputs", "check_attention_mask", "check_input_ids", "check_inputs_embeds", "check_output_attentions", "check_pixel_values",
            "is_plain_text", "same_layout", "visual_kinds"]

@@ -32,7 +32,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers.utils import can_return_tuple, logging
 
-from .beacon_cache import BeaconCache, model_identity
+from .beacon_cache import BeaconCache, model_identity, weights_fingerprint, weights_tag
 from .compat_videoxl import (
     CACHE_NAME,
     BaseModelOutputWithPast,
@@ -46,6 +46,7 @@ from .compat_videoxl import (
 from .configuration_videoxl import VideoXLConfig
 from .inputs_videoxl import (
     VisualInputs,
+    check_attention_mask,
     check_input_ids,
     check_inputs_embeds,
     check_output_attentions,
@@ -547,6 +548,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         self.ratio_schedule = RatioSchedule(config.ratio_seed)
         self._warned_positions = False
         self._identity: str | None = None
+        self._weights_key: bytes | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -561,14 +563,51 @@ class VideoXLModel(VideoXLPreTrainedModel):
 
     @property
     def identity(self) -> str:
-        """[`model_identity`] of the config, computed once: it names this model in every cache it writes."""
+        """[`model_identity`] of the config and the public tag of the weights' fingerprint, computed once: it names
+        this model in every cache it writes."""
         if self._identity is None:
-            self._identity = model_identity(self.config)
+            self._identity = f"{model_identity(self.config)}-{weights_tag(self.weights_key)}"
         return self._identity
+
+    @property
+    def weights_key(self) -> bytes:
+        """[`weights_fingerprint`] of this model's weights, computed once (it signs the cache files it writes)."""
+        if self._weights_key is None:
+            self._weights_key = weights_fingerprint(self)
+        return self._weights_key
 
     def new_cache(self) -> BeaconCache:
         """An empty cache bound to this model."""
-        return BeaconCache(len(self.layers), model_id=self.identity)
+        return BeaconCache(len(self.layers), model_id=self.identity, key=self.weights_key)
+
+    def use_cache_here(self, cache: BeaconCache) -> None:
+        """Bind `cache` to this model; a cache read from a file is checked on its first use: its signature, its
+        layers and ratios against this model, and its keys and values are cast to the model's dtype (once)."""
+        if cache.seal is not None:
+            if len(cache.layers) != len(self.layers):
+                raise ValueError(
+                    f"{cache.seal[0]} holds {len(cache.layers)} layers of memory; this model has {len(self.layers)}"
+                )
+            bad = [r for r in cache.record.ratios if r not in allowed_ratios(self.config)]
+            if bad:
+                raise ValueError(
+                    f"{cache.seal[0]} records compression ratio(s) {bad}; this model compresses windows of "
+                    f"{self.config.beacon_window} tokens at ratios {allowed_ratios(self.config)}"
+                )
+            text_rows = cache.get_seq_length() - cache.compressed_rows
+            tail = cache.record.absorbed_ids[:, cache.record.absorbed_length - text_rows :]
+            visual_ids = torch.tensor(list(visual_kinds(self.config).values()), device=tail.device)
+            if text_rows and torch.isin(tail, visual_ids).any():
+                raise ValueError(
+                    f"{cache.seal[0]} is inconsistent: its compressed_rows ({cache.compressed_rows}) leaves visual "
+                    f"tokens among the last {text_rows} rows, which only raw text may hold"
+                )
+            cache.bind(self.identity, self.weights_key)
+            dtype = self.embed_tokens.weight.dtype
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+        else:
+            cache.bind(self.identity, self.weights_key)
 
     # ---- one step ----------------------------------------------------------------------------------------------
 
@@ -730,10 +769,28 @@ class VideoXLModel(VideoXLPreTrainedModel):
         check_output_attentions(self.config.output_attentions if output_attentions is None else output_attentions)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if cache is None:
-            cache = self.new_cache()
-        else:
-            check_beacon_cache(cache).bind(self.identity)
+        cache = self.new_cache() if cache is None else check_beacon_cache(cache)
+        with cache.lock:
+            return self.run(
+                input_ids, attention_mask, pixel_values_videos, pixel_values, cache, compression_ratio,
+                output_columns, inputs_embeds, use_cache, output_hidden_states,
+            )
+
+    def run(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        pixel_values_videos: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        cache: BeaconCache,
+        compression_ratio: int | None,
+        output_columns: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        use_cache: bool | None,
+        output_hidden_states: bool,
+    ) -> BaseModelOutputWithPast:
+        """[`forward`] holding the cache's lock."""
+        self.use_cache_here(cache)
         input_ids, visual = self.checked_inputs(input_ids, inputs_embeds, pixel_values_videos, pixel_values, cache)
         valid = self.input_validity(attention_mask, input_ids)
         if visual is not None and not same_layout(input_ids, tuple(visual_kinds(self.config).values())):
@@ -945,6 +1002,8 @@ class VideoXLModel(VideoXLPreTrainedModel):
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} columns, fewer than the {input_ids.shape[1]} of input_ids"
             )
+        if input_ids.shape[1] > 1:  # a prefill; a decode step's single column cannot open a hole
+            check_attention_mask(attention_mask)
         return attention_mask[:, -input_ids.shape[1] :].bool()
 
     @staticmethod
@@ -1111,6 +1170,15 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
             model_kwargs["compression_ratio"] = check_ratio(ratio, self.config)
         return generation_config, model_kwargs
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, holding the lock of a given cache (under either name) throughout, so that
+        calls on several threads with one cache run one at a time instead of interleaving their steps."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            return super().generate(*args, **kwargs)
+        with check_beacon_cache(cache).lock:
+            return super().generate(*args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         rename_cache_kwarg(model_kwargs)
         if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
@@ -1160,6 +1228,8 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: generate needs at least one token of prompt")
         fresh = kwargs.get("is_first_iteration") or cache is None or cache.record.absorbed_length == 0
+        if attention_mask is not None:
+            check_attention_mask(attention_mask)
         if fresh and attention_mask is not None and not attention_mask[:, -1].all():
             raise ValueError(
                 "generate got a right-padded batch (a prompt ends in padding, so its next token would follow the "

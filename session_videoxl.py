@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 from collections.abc import Iterable
 from itertools import groupby
 from pathlib import Path
@@ -109,7 +108,6 @@ def chat(
     if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
         generate_kwargs["max_new_tokens"] = model.generation_config.max_new_tokens or CHAT_MAX_NEW_TOKENS
     config = model.config
-    visual_ids = {config.video_token_id: "video", config.image_token_id: "image"}
     placeholders = {"video": processor.video_token, "image": processor.image_token}
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     items = media_items(messages)
@@ -123,6 +121,19 @@ def chat(
         )
 
     cache = cache if cache is not None else BeaconCache(config.text_config.num_hidden_layers)
+    with cache.lock:  # one call at a time per cache: another thread's call would rewind or extend it midway
+        answer = answer_from(model, processor, text, items, keys, matches, cache, sampling, generate_kwargs)
+    return answer, cache
+
+
+def answer_from(
+    model, processor, text: str, items: list[tuple[str, Any]], keys: list[str], matches: list[re.Match],
+    cache: BeaconCache, sampling: dict[str, Any], generate_kwargs: dict[str, Any],
+) -> str:
+    """[`chat`]'s answer to the prompt `text` (its media `items`, their `keys` and placeholder `matches`), from and
+    into `cache`."""
+    config = model.config
+    visual_ids = {config.video_token_id: "video", config.image_token_id: "image"}
     runs = absorbed_runs(cache, visual_ids)
     reused = check_reusable_media(cache, runs, items, keys, generate_kwargs.get("compression_ratio"))
 
@@ -169,7 +180,7 @@ def chat(
         times = sampled_times(next(video_metadata, None)) if kind == "video" else None
         cache.record.media.append(media_note(kind, key, tokens // config.tokens_per_frame, times))
     answer = processor.tokenizer.decode(output.sequences[0, input_ids.shape[1] :], skip_special_tokens=True)
-    return answer.strip(), cache
+    return answer.strip()
 
 
 def media_note(kind: str, source: str, frames: int, timestamps: list[float] | None = None) -> dict[str, Any]:
@@ -257,7 +268,7 @@ class LiveVideo:
         self.cache = BeaconCache(config.text_config.num_hidden_layers)
         self.pending: list[torch.Tensor] = []
         self.times: list[float | None] = []
-        self.lock = threading.Lock()
+        self.lock = self.cache.lock  # the cache's own: `feed`, `ask` and anything else using the cache take turns
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": [{"type": "video", "video": "live"}, {"type": "text", "text": "\x00"}]}
         ]
