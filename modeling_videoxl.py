@@ -208,6 +208,19 @@ class RatioSchedule:
         return draw
 
 
+# A prefill whose windows take less than this shows no progress bar (tqdm's `delay`).
+PROGRESS_DELAY_SECONDS = 2.0
+
+
+def window_progress(steps: list[Step], training: bool):
+    """transformers' progress bar over the visual windows of an inference prefill, silenced by
+    `transformers.utils.logging.disable_progress_bar()`; none for training or steps without windows."""
+    windows = sum(step.is_window for step in steps)
+    if training or not windows:
+        return logging.EmptyTqdm()
+    return logging.tqdm(total=windows, desc="Encoding video windows", unit="window", delay=PROGRESS_DELAY_SECONDS)
+
+
 def allowed_ratios(config: VideoXLConfig) -> list[int]:
     """Ratios that divide every window: the window length and the tokens of one frame or tile."""
     unit = torch.gcd(torch.tensor(config.beacon_window), torch.tensor(config.tokens_per_frame)).item()
@@ -781,6 +794,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         columns = torch.arange(length, device=input_ids.device) if output_columns is None else output_columns
 
         outputs, visual_seen, kept_states = [], {token_id: 0 for token_id in visual_inputs}, []
+        progress = window_progress(steps, self.training)
         for step in steps:
             if inputs_embeds is not None:
                 hidden_states = inputs_embeds[:, step.start : step.end]
@@ -807,6 +821,9 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
             if output_hidden_states:
                 kept_states.append(self.kept_rows(step, layer_states))
+            if step.is_window:
+                progress.update()
+        progress.close()
         self.warn_beyond_max_positions(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(outputs, dim=1) if outputs else None,
