@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -44,7 +45,8 @@ LIVE_FRAMES_PER_SECOND = 1.0
 class Memory:
     """The compressed memory of one video for one browser session, and what it has been asked."""
 
-    video: str | None = None
+    video: str | None = None  # the upload's path (Gradio names it by a hash of its content)
+    copy: Path | None = None  # this session's own copy, which model.chat reads and recognises by path and mtime
     sampling: dict[str, Any] = field(default_factory=dict)
     ratio: int | None = None
     cache: Any = None  # the BeaconCache `model.chat` returned
@@ -60,13 +62,27 @@ class Memory:
     def holds(self, video: str, sampling: dict[str, Any], ratio: int) -> bool:
         return self.cache is not None and (self.video, self.sampling, self.ratio) == (video, sampling, ratio)
 
+    def keep_copy(self, video: str) -> Path:
+        """Copy the upload for this session: another session uploading the same file rewrites Gradio's copy, and a
+        changed modification time would make `model.chat` refuse this memory."""
+        folder = Path(tempfile.mkdtemp(prefix="videoxl-app-"))
+        self.copy = Path(shutil.copy(video, folder / Path(video).name))
+        return self.copy
+
     def forget_video(self) -> None:
+        if self.copy is not None:
+            shutil.rmtree(self.copy.parent, ignore_errors=True)
+            self.copy = None
         self.video, self.sampling, self.ratio, self.cache, self.frames, self.questions = None, {}, None, None, 0, []
 
     def stop_live(self) -> None:
         if self.live_stop is not None:
             self.live_stop.set()
         self.live, self.live_stop, self.live_error = None, None, None
+
+    def close(self) -> None:
+        self.stop_live()
+        self.forget_video()
 
     def megabytes(self) -> float:
         caches = [self.cache] + ([self.live.cache] if self.live is not None else [])
@@ -117,13 +133,13 @@ class MemoryStore:
             for other in [key for key in self.memories if key != session_id]:
                 if self.total_mb() <= self.budget_mb:
                     break
-                self.memories.pop(other).stop_live()
+                self.memories.pop(other).close()
 
     def free(self, session_id: str) -> None:
         with self.lock:
             memory = self.memories.pop(session_id, None)
         if memory is not None:
-            memory.stop_live()
+            memory.close()
 
     def total_mb(self) -> float:
         return sum(memory.megabytes() for memory in self.memories.values())
@@ -131,7 +147,7 @@ class MemoryStore:
     def _free_idle(self) -> None:
         now = time.monotonic()
         for key in [k for k, m in self.memories.items() if now - m.last_used > self.idle_seconds]:
-            self.memories.pop(key).stop_live()
+            self.memories.pop(key).close()
 
     def summary(self) -> dict[str, Any]:
         return {"sessions": len(self.memories), "total_mb": round(self.total_mb(), 3), "budget_mb": self.budget_mb}
@@ -168,16 +184,16 @@ class VideoQA:
     def check_request(self, video: str | None, question: str, sampling: dict[str, Any], ratio: int) -> None:
         """One clear message for what cannot be asked, before anything is decoded."""
         if not video:
-            raise gr.Error("Upload a video or pick a synthetic one first.")
+            raise ValueError("Upload a video or pick a synthetic one first.")
         if not question or not question.strip():
-            raise gr.Error("Type a question.")
+            raise ValueError("Type a question.")
         if ratio not in self.ratios():
-            raise gr.Error(f"compression ratio {ratio} is not one of {self.ratios()}")
+            raise ValueError(f"compression ratio {ratio} is not one of {self.ratios()}")
         frames = sampling.get("num_frames")
         if frames is not None:
             estimate = frames * self.kept_bytes_per_frame(ratio) / 2**20
             if estimate > self.store.budget_mb:
-                raise gr.Error(
+                raise ValueError(
                     f"{frames} frames at compression ratio {ratio} need about {estimate:.0f} MB of memory, over this "
                     f"server's budget of {self.store.budget_mb:g} MB: ask for fewer frames or a higher ratio."
                 )
@@ -189,7 +205,9 @@ class VideoQA:
         question encodes the video into `memory`, later ones reuse it."""
         if not memory.holds(video, sampling, ratio):
             memory.forget_video()
-        messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": question}]}]
+            memory.keep_copy(video)
+        content = [{"type": "video", "path": str(memory.copy)}, {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict[str, Any] = {}
         reused = memory.cache is not None
@@ -221,7 +239,7 @@ class VideoQA:
             frames_run = self.frames_encoded - frames_before
         if "error" in result:
             memory.forget_video()
-            raise gr.Error(f"{type(result['error']).__name__}: {result['error']}")
+            raise result["error"]
         memory.video, memory.sampling, memory.ratio, memory.cache = video, sampling, ratio, result["cache"]
         memory.frames = memory.cache.media[0]["frames"]
         memory.encodes += frames_run > 0
@@ -268,10 +286,10 @@ def sampling_options(frames: float | None, fps: float | None) -> dict[str, Any]:
     """The processor's sampling options from the page: fps when given, else a frame count."""
     if fps:
         if fps <= 0:
-            raise gr.Error(f"fps must be positive, got {fps}")
+            raise ValueError(f"fps must be positive, got {fps}")
         return {"fps": float(fps)}
     if not frames or frames < 1 or int(frames) != frames:
-        raise gr.Error(f"frames must be a positive whole number, got {frames}")
+        raise ValueError(f"frames must be a positive whole number, got {frames}")
     return {"num_frames": int(frames)}
 
 
@@ -290,17 +308,22 @@ def build_app(qa: VideoQA, examples_dir: Path) -> gr.Blocks:
         return str(path), sample.question, int(length)
 
     def ask(question, history, video, frames, fps, ratio, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        sampling = sampling_options(frames, fps)
-        ratio = int(ratio)
-        qa.check_request(video, question, sampling, ratio)
-        memory = store.get(request.session_hash)
-        history = list(history or []) + [{"role": "user", "content": question}]
-        if not memory.holds(video, sampling, ratio):
-            progress(0, desc="Decoding and encoding the video")
-        for text in qa.answer(memory, video, question, sampling, ratio):
-            yield history + [{"role": "assistant", "content": text}], "", panel(request)
-        store.fit(request.session_hash)
-        yield history + [{"role": "assistant", "content": text}], "", panel(request)
+        """Stream (chat, question box, memory panel, message); a request that fails leaves a message in the page."""
+        history = list(history or [])
+        try:
+            sampling = sampling_options(frames, fps)
+            ratio = int(ratio)
+            qa.check_request(video, question, sampling, ratio)
+            memory = store.get(request.session_hash)
+            asked = history + [{"role": "user", "content": question}]
+            if not memory.holds(video, sampling, ratio):
+                progress(0, desc="Decoding and encoding the video")
+            for text in qa.answer(memory, video, question, sampling, ratio):
+                yield asked + [{"role": "assistant", "content": text}], "", panel(request), ""
+            store.fit(request.session_hash)
+            yield asked + [{"role": "assistant", "content": text}], "", panel(request), ""
+        except Exception as err:  # noqa: BLE001 - any failure is the user's message; the app keeps serving
+            yield history, question, panel(request), f"**Could not answer:** {err}"
 
     def free(request: gr.Request) -> None:
         store.free(request.session_hash)
@@ -308,7 +331,7 @@ def build_app(qa: VideoQA, examples_dir: Path) -> gr.Blocks:
     def new_video(request: gr.Request):
         memory = store.get(request.session_hash)
         memory.forget_video()
-        return None, [], "", panel(request)
+        return None, [], "", panel(request), ""
 
     def start_live(video, ratio, pace, request: gr.Request):
         if not video:
@@ -333,7 +356,7 @@ def build_app(qa: VideoQA, examples_dir: Path) -> gr.Blocks:
         if memory.live is None:
             raise gr.Error("Start a live video first.")
         if not question or not question.strip():
-            raise gr.Error("Type a question.")
+            raise ValueError("Type a question.")
         seen = memory.live.frames
         answer = qa.ask_live(memory, question)
         return list(history or []) + [
@@ -358,35 +381,38 @@ def build_app(qa: VideoQA, examples_dir: Path) -> gr.Blocks:
                     make = gr.Button("Synthetic needle video", elem_id="synthetic")
                     with gr.Row():
                         frames = gr.Number(128, label="Frames", precision=0, elem_id="frames")
-                        fps = gr.Number(None, label="or fps", elem_id="fps")
+                        fps = gr.Number(None, label="or fps (0: use frames)", elem_id="fps")
                         ratio = gr.Dropdown(ratios, value=default_ratio, label="Compression ratio")
                     reset = gr.Button("New video", elem_id="new-video")
                     memory_panel = gr.Textbox(label="Memory", lines=14, interactive=False, elem_id="memory")
                 with gr.Column(scale=2):
                     chat = gr.Chatbot(label="Chat", height=480, elem_id="chat")
+                    message = gr.Markdown(elem_id="message")
                     question = gr.Textbox(label="Question", lines=3, elem_id="question")
                     send = gr.Button("Ask", variant="primary", elem_id="ask")
         with gr.Tab("Live"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    live_video = gr.Video(label="Video played as a stream", sources=["upload"])
-                    pace = gr.Number(4.0, label="Seconds of video per second (empty: as fast as it decodes)")
+                    live_video = gr.Video(label="Video played as a stream", sources=["upload"], elem_id="live-video")
+                    pace = gr.Number(4.0, elem_id="pace",
+                                     label="Seconds of video per second (0: as fast as it decodes)")
                     live_ratio = gr.Dropdown(ratios, value=default_ratio, label="Compression ratio")
                     with gr.Row():
-                        play = gr.Button("Play", variant="primary")
+                        play = gr.Button("Play", variant="primary", elem_id="play")
                         halt = gr.Button("Stop")
-                    status = gr.Textbox(label="Stream", interactive=False)
+                    status = gr.Textbox(label="Stream", interactive=False, elem_id="live-status")
                 with gr.Column(scale=2):
-                    live_chat = gr.Chatbot(label="Questions while it plays", height=400)
-                    live_question = gr.Textbox(label="Question", lines=2)
-                    live_send = gr.Button("Ask now")
+                    live_chat = gr.Chatbot(label="Questions while it plays", height=400, elem_id="live-chat")
+                    live_question = gr.Textbox(label="Question", lines=2, elem_id="live-question")
+                    live_send = gr.Button("Ask now", elem_id="live-ask")
             gr.Timer(1.0).tick(live_status, None, status, show_progress="hidden")
 
         make.click(synthetic, [kind, seed, length], [video, question, frames])
         ask_inputs = [question, chat, video, frames, fps, ratio]
-        send.click(ask, ask_inputs, [chat, question, memory_panel])
-        question.submit(ask, ask_inputs, [chat, question, memory_panel])
-        reset.click(new_video, None, [video, chat, question, memory_panel])
+        ask_outputs = [chat, question, memory_panel, message]
+        send.click(ask, ask_inputs, ask_outputs)
+        question.submit(ask, ask_inputs, ask_outputs)
+        reset.click(new_video, None, [video, chat, question, memory_panel, message])
         video.change(panel, None, memory_panel)
         play.click(start_live, [live_video, live_ratio, pace], status)
         halt.click(stop_live, None, status)

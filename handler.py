@@ -36,7 +36,8 @@ GENERATION = {
     "top_p": (int, float), "top_k": int, "repetition_penalty": (int, float),
 }
 MEDIA_KEYS = {"video": ("video", "url", "path"), "image": ("image", "url", "path")}
-URL_ITEMS = {"video_url": "video", "image_url": "image"}  # OpenAI-style items: {"type": "image_url", "image_url": {"url"}}
+# OpenAI-style items: {"type": "image_url", "image_url": {"url": ...}}
+URL_ITEMS = {"video_url": "video", "image_url": "image"}
 
 
 class EndpointHandler:
@@ -108,7 +109,8 @@ class EndpointHandler:
             return {"role": message["role"], "content": content}
         if not isinstance(content, list):
             raise ValueError(f"{where}.content: expected a string or a list of items, got {type(content).__name__}")
-        return {"role": message["role"], "content": [self.item(x, f"{where}.content[{j}]") for j, x in enumerate(content)]}
+        items = [self.item(item, f"{where}.content[{j}]") for j, item in enumerate(content)]
+        return {"role": message["role"], "content": items}
 
     def item(self, item: Any, where: str) -> dict[str, Any]:
         kind = item.get("type") if isinstance(item, dict) else None
@@ -161,7 +163,8 @@ def parse_parameters(parameters: Any, ratios: list[int]) -> tuple[dict[str, Any]
     for name, value in parameters.items():
         expected = SAMPLING.get(name) or GENERATION.get(name)
         if expected is None:
-            raise ValueError(f"parameters.{name}: unknown parameter; expected one of {sorted({**SAMPLING, **GENERATION})}")
+            known = sorted({**SAMPLING, **GENERATION})
+            raise ValueError(f"parameters.{name}: unknown parameter; expected one of {known}")
         if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
             raise ValueError(f"parameters.{name}: expected {getattr(expected, '__name__', 'a number')}, got {value!r}")
         if expected is not bool and value <= 0:
