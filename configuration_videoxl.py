@@ -5,9 +5,11 @@ layers carry extra projections for visual summarization tokens (VSTs)."""
 from .compat_videoxl import check_transformers_version  # noqa: F401, I001
 
 import copy
+import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
 
@@ -134,15 +136,89 @@ class VideoXLConfig(PreTrainedConfig):
             self.beacon_param = ["q", "k", "v"]
         if self.image_grid_pinpoints is None:
             self.image_grid_pinpoints = default_grid_pinpoints(self.vision_config.image_size)
-        unknown = set(self.beacon_param) - {"q", "k", "v"}
-        if unknown:
-            raise ValueError(f"beacon_param may only name 'q', 'k' and 'v', got {sorted(unknown)}")
+        problems = field_problems(self)
+        if problems:
+            raise ValueError("invalid VideoXLConfig:\n" + "\n".join(f"- {problem}" for problem in problems))
+
+    @property
+    def patch_grid(self) -> int:
+        """Patches along each side of a frame or tile (24 for CLIP-336/14)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
     def tokens_per_frame(self) -> int:
         """Visual tokens per frame or image tile after the 2x2 pool (144 for CLIP-336/14)."""
-        side = self.vision_config.image_size // self.vision_config.patch_size // self.spatial_pool_stride
+        side = self.patch_grid // self.spatial_pool_stride
         return side * side
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def ratio_divisors(window: int, tokens_per_frame: int) -> list[int]:
+    """Ratios that divide every window: the window length and the tokens of one frame or tile (the model's rule)."""
+    unit = math.gcd(window, tokens_per_frame)
+    return [r for r in range(1, unit + 1) if unit % r == 0]
+
+
+def field_problems(config: VideoXLConfig) -> list[str]:
+    """One sentence per bad field (what it is, what was expected); empty when the config is usable.
+
+    Checked at construction because a bad value otherwise fails far from its cause: a negative window compresses
+    nothing and the answer ignores the video, a ratio of 0 fails at the first forward, an empty list of training
+    ratios deep inside the first training step.
+    """
+    problems = []
+    stride, grid = config.spatial_pool_stride, config.patch_grid
+    if not _is_int(stride) or not 1 <= stride <= grid:
+        problems.append(f"spatial_pool_stride must be an integer from 1 to the patch grid's side {grid} "
+                        f"(image_size {config.vision_config.image_size} / patch_size "
+                        f"{config.vision_config.patch_size}), got {stride!r}")
+    window = config.beacon_window
+    if not _is_int(window) or window < 1:
+        problems.append(f"beacon_window must be a positive number of visual tokens per compression window "
+                        f"(1440 = 10 frames of 144), got {window!r}")
+    if problems:  # the ratios are checked against the window and the frame, which must be valid first
+        return problems + param_problems(config)
+    allowed = ratio_divisors(window, config.tokens_per_frame)
+    what = (f"divide both the window of {window} tokens and a frame of {config.tokens_per_frame} tokens: one of "
+            f"{allowed}")
+    if not _is_int(config.beacon_ratio) or config.beacon_ratio not in allowed:
+        problems.append(f"beacon_ratio must {what}, got {config.beacon_ratio!r}")
+    ratios = config.beacon_train_ratios
+    if not ratios:
+        problems.append(f"beacon_train_ratios must list at least one ratio to draw in training (each must {what}), "
+                        f"got {ratios!r}")
+    else:
+        bad = [r for r in ratios if not _is_int(r) or r not in allowed]
+        if bad:
+            problems.append(f"beacon_train_ratios: each ratio must {what}; {bad} do not")
+    return problems + param_problems(config)
+
+
+def param_problems(config: VideoXLConfig) -> list[str]:
+    """The fields that do not depend on the window: VST projections, feature layer, activation, token ids."""
+    problems = []
+    unknown = set(config.beacon_param) - {"q", "k", "v"}
+    if unknown:
+        problems.append(f"beacon_param may only name 'q', 'k' and 'v', got {sorted(unknown)}")
+    layers = config.vision_config.num_hidden_layers
+    layer = config.vision_feature_layer
+    if not _is_int(layer) or not -(layers + 1) <= layer <= layers:
+        problems.append(f"vision_feature_layer must index the vision tower's {layers + 1} hidden states (from "
+                        f"{-(layers + 1)} to {layers}), got {layer!r}")
+    if config.projector_hidden_act not in ACT2FN:
+        problems.append(f"projector_hidden_act must be one of transformers' activations (e.g. 'gelu'), got "
+                        f"{config.projector_hidden_act!r}")
+    ids = {"image_token_id": config.image_token_id, "video_token_id": config.video_token_id}
+    for name, value in ids.items():
+        if not _is_int(value) or value < 0:
+            problems.append(f"{name} must be a non-negative token id, got {value!r}")
+    if config.image_token_id == config.video_token_id:
+        problems.append(f"image_token_id and video_token_id must differ (images and videos are told apart by their "
+                        f"tokens), both are {config.image_token_id}")
+    return problems
 
 
 __all__ = ["VideoXLConfig"]

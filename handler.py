@@ -52,7 +52,7 @@ class EndpointHandler:
         self.processor = AutoProcessor.from_pretrained(path or ".", trust_remote_code=True)
         # The processor's own URL fetch (its module's sibling), so URLs follow its policy exactly.
         package = type(self.processor).__module__.rsplit(".", 1)[0]
-        self.fetch_url = importlib.import_module(f"{package}.video_decoding_videoxl").fetch_url
+        self.decoding = importlib.import_module(f"{package}.video_decoding_videoxl")
         self.ratios = sys.modules[type(self.model).__module__].allowed_ratios(self.model.config)
         self.memory_budget = memory_budget_mb * 2**20
         self.memories: OrderedDict[str, Any] = OrderedDict()
@@ -132,7 +132,9 @@ class EndpointHandler:
             raise ValueError(f"{where}: expected an http(s) URL or base64 data, got {type(source).__name__}")
         if source.startswith(("http://", "https://")):
             try:
-                return self.fetch_url(source, self.processor.url_timeout, self.processor.allow_remote_urls)
+                policy = self.decoding.UrlPolicy(self.processor.allow_remote_urls, self.processor.url_timeout,
+                                                 self.processor.max_url_bytes)
+                return self.decoding.fetch_url(source, policy)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from err
         data = source.split(",", 1)[1] if source.startswith("data:") and "," in source else source

@@ -29,7 +29,7 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.image_transforms import divide_to_patches
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .video_decoding_videoxl import DEFAULT_URL_TIMEOUT, fetch_url, is_remote_url, local_path
+from .video_decoding_videoxl import UrlPolicy, check_media_string, fetch_url, is_remote_url, local_path
 
 
 try:  # transformers >= 5.5 names the PIL/numpy backend explicitly ...
@@ -140,18 +140,18 @@ def open_image_file(path: str | os.PathLike, what: str) -> Image.Image:
         raise ValueError(f"cannot read image {text}: {err}") from err
 
 
-def load_image_source(image: ImageLike, what: str, url_timeout: float = DEFAULT_URL_TIMEOUT,
-                      allow_remote: bool = True) -> ImageLike:
-    """http(s) URLs -> PIL images (within `url_timeout` s, refused unless `allow_remote`), `file://` URLs
-    -> paths, `data:` URLs decoded; any other input as given."""
+def load_image_source(image: ImageLike, what: str, url_policy: UrlPolicy | None = None) -> ImageLike:
+    """http(s) URLs -> PIL images (fetched under `url_policy`, default `UrlPolicy()`), `file://` URLs -> paths,
+    `data:` URLs decoded; other URL schemes refused; any other input as given."""
     if not isinstance(image, str):
         return image
     if is_remote_url(image):
-        return open_image_bytes(fetch_url(image, url_timeout, allow_remote), f"{what} ({image})")
+        return open_image_bytes(fetch_url(image, url_policy), f"{what} ({image})")
     if image.startswith("data:"):
         from transformers.image_utils import load_image  # base64 only: no network, no torchvision
 
         return load_image(image)
+    check_media_string(image, url_policy or UrlPolicy(), what)
     return local_path(image)
 
 

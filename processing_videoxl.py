@@ -38,8 +38,10 @@ from .image_processing_videoxl import (
     to_rgb_image,
 )
 from .video_decoding_videoxl import (
+    DEFAULT_MAX_URL_BYTES,
     DEFAULT_NUM_FRAMES,
     DEFAULT_URL_TIMEOUT,
+    UrlPolicy,
     VideoSampling,
     VideoXLVideoMetadata,
     in_memory_frames,
@@ -92,7 +94,9 @@ class VideoXLProcessor(ProcessorMixin):
         image_token, video_token: placeholder strings.
         allow_remote_urls: fetch http(s) URLs found in `images` / `videos` / chat messages (set False on
             servers that must not reach the network on a user's behalf: URLs are then refused).
-        url_timeout: seconds a URL fetch may take before it fails.
+        url_timeout: seconds a whole URL fetch (connection, redirects, body) may take before it fails.
+        max_url_bytes: the most bytes one URL may send (2 GiB; a fetched video is held in memory while decoded).
+        Only http(s) URLs are fetched, redirects only to http(s); other URL schemes are refused.
     """
 
     valid_processor_kwargs = VideoXLProcessorKwargs
@@ -111,6 +115,7 @@ class VideoXLProcessor(ProcessorMixin):
         video_token: str = "<video>",
         allow_remote_urls: bool = True,
         url_timeout: float = DEFAULT_URL_TIMEOUT,
+        max_url_bytes: int = DEFAULT_MAX_URL_BYTES,
         image_size: int | None = None,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
@@ -127,7 +132,9 @@ class VideoXLProcessor(ProcessorMixin):
         self.num_frames, self.fps, self.max_frames = num_frames, fps, max_frames
         self.padding_side = padding_side
         self.image_token, self.video_token = image_token, video_token
-        self.allow_remote_urls, self.url_timeout = bool(allow_remote_urls), float(url_timeout)
+        UrlPolicy(bool(allow_remote_urls), url_timeout, max_url_bytes)  # a bad timeout or cap fails here, not at use
+        self.allow_remote_urls = bool(allow_remote_urls)
+        self.url_timeout, self.max_url_bytes = url_timeout, max_url_bytes
         VideoSampling(num_frames, fps, max_frames).validate()
         super().__init__(tokenizer, image_processor, chat_template=chat_template)
         # Batches padded outside `__call__` (the pipeline's collate function reads the tokenizer's side) must pad
@@ -141,6 +148,11 @@ class VideoXLProcessor(ProcessorMixin):
         if token_id is None or token_id == self.tokenizer.unk_token_id or isinstance(token_id, list):
             raise ValueError(f"the tokenizer has no {token!r} token; add it as a special token")
         return int(token_id)
+
+    @property
+    def url_policy(self) -> UrlPolicy:
+        """How this processor fetches http(s) URLs (built from its attributes, which a caller may change)."""
+        return UrlPolicy(self.allow_remote_urls, self.url_timeout, self.max_url_bytes)
 
     @property
     def image_size(self) -> int:
@@ -175,7 +187,7 @@ class VideoXLProcessor(ProcessorMixin):
         elif text is not None:
             text = list(text)
         if images is not None:
-            images = [to_rgb_image(load_image_source(image, f"image {i}", self.url_timeout, self.allow_remote_urls),
+            images = [to_rgb_image(load_image_source(image, f"image {i}", self.url_policy),
                                    f"image {i}") for i, image in enumerate(flatten_images(images))]
         return images, text, videos, None
 
@@ -360,7 +372,7 @@ class VideoXLProcessor(ProcessorMixin):
         frames = in_memory_frames(video, name)
         if frames is None:
             crops, metadata = read_video_frames(video, file_sampling, image_processor.resize_crop, frame_bytes,
-                                                self.url_timeout, self.allow_remote_urls)
+                                                self.url_policy)
         else:
             def convert(frame: Any, i: int) -> np.ndarray:
                 return image_processor.resize_crop(to_rgb_image(frame, what=f"{name} frame {i}"))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .beacon_cache import BeaconCache
+from .video_decoding_videoxl import UrlPolicy, UrlStream, check_media_string, is_remote_url, local_path
 
 
 SAMPLING_OPTIONS = ("num_frames", "fps", "max_frames", "video_fps")
@@ -267,9 +268,10 @@ class LiveVideo:
                 self.feed(frame)
 
     def follow(self, source: Any, fps: float = 1.0, pace: float | None = None) -> None:
-        """Feed a video PyAV can open as it arrives (see [`read_live_frames`]) until it ends; run it in a thread
-        to ask questions meanwhile."""
-        self.feed_all(read_live_frames(source, fps=fps, pace=pace))
+        """Feed a video as it arrives (see [`read_live_frames`]) until it ends; run it in a thread to ask questions
+        meanwhile. http(s) URLs are fetched under the processor's `url_policy` (remote policy, `url_timeout` for the
+        whole stream, `max_url_bytes`)."""
+        self.feed_all(read_live_frames(source, fps=fps, pace=pace, url_policy=self.processor.url_policy))
 
     def ask(self, question: str, **generate_kwargs: Any) -> str:
         """Greedy (unless told otherwise) answer from the frames fed so far; the memory is left as it was."""
@@ -323,25 +325,38 @@ class LiveVideo:
         )
 
 
-def read_live_frames(source: Any, fps: float = 1.0, pace: float | None = None) -> Iterable[tuple[float, Any]]:
+def read_live_frames(
+    source: Any, fps: float = 1.0, pace: float | None = None, url_policy: UrlPolicy | None = None
+) -> Iterable[tuple[float, Any]]:
     """(seconds, RGB `[H, W, 3]` uint8 array) of a video read with PyAV, sampled at `fps`, as the frames arrive:
-    a file, a pipe, or a stream URL PyAV can open (rtsp://, http://, ...). `pace` plays a file as if it were live:
-    `pace` seconds of video per second of wall time (1.0 = real time); None reads as fast as it decodes."""
+    a path or `file://` URL, a pipe or other binary file object, or an http(s) URL fetched under `url_policy`
+    (default `UrlPolicy()`: its deadline bounds the whole stream, its size cap the bytes). Other URL schemes and
+    ffmpeg protocols (`rtsp://`, `concat:`, ...) are refused. `pace` plays a file as if it were live: `pace` seconds
+    of video per second of wall time (1.0 = real time); None reads as fast as it decodes."""
     import time
 
     import av
 
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    policy = url_policy or UrlPolicy()
+    if isinstance(source, (str, os.PathLike)):
+        source = os.fspath(source)
+        check_media_string(source, policy, "live video")
+        source = UrlStream(source, policy) if is_remote_url(source) else local_path(source)
     start, next_time = time.monotonic(), 0.0
-    with av.open(source) as container:
-        for frame in container.decode(container.streams.video[0]):
-            if frame.time is None or frame.time + 1e-6 < next_time:
-                continue
-            if pace:
-                time.sleep(max(0.0, frame.time / pace - (time.monotonic() - start)))
-            yield frame.time, frame.to_ndarray(format="rgb24")
-            next_time += 1.0 / fps
+    try:
+        with av.open(source) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if frame.time is None or frame.time + 1e-6 < next_time:
+                    continue
+                if pace:
+                    time.sleep(max(0.0, frame.time / pace - (time.monotonic() - start)))
+                yield frame.time, frame.to_ndarray(format="rgb24")
+                next_time += 1.0 / fps
+    finally:
+        if isinstance(source, UrlStream):
+            source.close()
 
 
 __all__ = ["LiveVideo", "chat", "read_live_frames", "cache_argument"]

@@ -11,20 +11,27 @@
   frame is handed to a `convert` callback (resize + crop) as soon as it is decoded, so only the
   crops are ever held.
 * Honesty: a file that holds fewer frames than its container declares, timestamps past its
-  declared duration, frames that do not decode, a request whose frames would not fit in memory,
-  an unreachable URL: each is one ValueError naming the input. The display matrix (phone videos)
+  declared duration, frames that do not decode, timestamps that restart or a frame size that
+  changes (recordings joined end to end), a request whose frames would not fit in memory, an
+  unreachable URL: each is one ValueError naming the input. The display matrix (phone videos)
   is applied, as ffmpeg's autorotate does.
+* URLs: fetched under a `UrlPolicy` (remote switch, deadline for the whole fetch, size cap,
+  http(s) only, redirects only to http(s)); the session module's live reader uses the same.
 * Metadata: transformers' `VideoMetadata`, with the true presentation time of every sampled frame
   (`timestamps`, right for variable-frame-rate files too).
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
 import math
 import numbers
 import os
+import re
+import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -52,10 +59,13 @@ DEFAULT_NUM_FRAMES = 128
 # Without an explicit max_frames, a request for more frames than this is refused before decoding
 # (1,024 frames are 1.4 GB of float32 pixels at 336 px).
 FRAME_BUDGET = 1024
+# Seconds a whole URL fetch may take, and the most bytes it may bring (a fetched video is held in memory).
 DEFAULT_URL_TIMEOUT = 30.0
+DEFAULT_MAX_URL_BYTES = 2**31
 # Decoding shorter than this shows no progress bar (tqdm's `delay`).
 PROGRESS_DELAY_SECONDS = 2.0
 REMOTE_SCHEMES = ("http://", "https://")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 VideoLike = Any  # str | os.PathLike | bytes | file-like | np.ndarray | torch.Tensor | list of frames
 
@@ -193,6 +203,13 @@ def is_remote_url(source: Any) -> bool:
     return isinstance(source, str) and source.startswith(REMOTE_SCHEMES)
 
 
+def url_scheme(text: str) -> str | None:
+    """The scheme of a URL-looking string (`ftp`, `concat`, `data`, ...), None for a plain path. One letter is a
+    Windows drive (`C:`), not a scheme."""
+    match = _SCHEME.match(text)
+    return match.group(1).lower() if match else None
+
+
 def local_path(source: str | os.PathLike) -> str:
     """A path, with `file://` URLs turned into paths."""
     text = os.fspath(source)
@@ -201,16 +218,185 @@ def local_path(source: str | os.PathLike) -> str:
     return text
 
 
-def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, allow_remote: bool = True) -> bytes:
-    """The bytes at an http(s) URL, within `timeout` seconds; one ValueError naming the URL otherwise."""
-    if not allow_remote:
-        raise ValueError(f"remote URL refused: {url} (this processor has allow_remote_urls=False; "
-                         "download the file and pass its path or bytes)")
+def check_media_string(text: str, policy: "UrlPolicy", what: str = "media") -> None:
+    """Refuse what is neither a path, a `file://` URL nor an http(s) URL the policy allows: other URL schemes and
+    ffmpeg protocols (`ftp://`, `concat:`, `pipe:`, ...) would otherwise be read as missing files or, by PyAV, as
+    whatever the protocol opens."""
+    if is_remote_url(text):
+        policy.check(text)
+        return
+    scheme = url_scheme(text)
+    if scheme not in (None, "file") and not os.path.exists(text):
+        raise ValueError(f"{what}: unsupported URL scheme {scheme!r} in {text}: only http(s) URLs, file:// URLs and "
+                         "paths are read")
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """How media URLs are fetched (processor options `allow_remote_urls`, `url_timeout`, `max_url_bytes`).
+
+    allow_remote: fetch http(s) URLs at all (False on servers that must not reach the network for a user).
+    timeout: seconds for the whole fetch, connection, redirects and body included (not per read).
+    max_bytes: the most bytes one URL may send (a fetched video is held in memory while it is decoded).
+    Only http(s) is fetched, and redirects are followed only to http(s).
+    """
+
+    allow_remote: bool = True
+    timeout: float = DEFAULT_URL_TIMEOUT
+    max_bytes: int = DEFAULT_MAX_URL_BYTES
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.timeout) and math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"url_timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+        if not (isinstance(self.max_bytes, int) and not isinstance(self.max_bytes, bool) and self.max_bytes >= 1):
+            raise ValueError(f"max_url_bytes must be an integer >= 1, got {self.max_bytes!r}")
+
+    def check(self, url: str) -> None:
+        """Refuse a URL this policy does not fetch (before any connection)."""
+        if not is_remote_url(url):
+            raise ValueError(f"not an http(s) URL: {url}")
+        if not self.allow_remote:
+            raise ValueError(f"remote URL refused: {url} (this processor has allow_remote_urls=False; download the "
+                             "file and pass its path or bytes)")
+
+
+class _Deadline:
+    """Shuts down every socket of a fetch when its time is up, so that no read blocks past it (a per-read timeout
+    never fires on a server that sends one byte a second)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def connection_class(self, http_class: type) -> Callable[..., Any]:
+        """`http_class` (HTTPConnection or HTTPSConnection) whose socket this deadline watches once connected."""
+        deadline = self
+
+        def make(*args: Any, **kwargs: Any) -> Any:
+            connection = http_class(*args, **kwargs)
+            connect = connection.connect
+
+            def watched_connect() -> None:
+                connect()
+                deadline.watch(connection.sock)
+
+            connection.connect = watched_connect
+            return connection
+
+        return make
+
+
+def _shutdown(sock: socket.socket) -> None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only, checked above
-            return response.read()
-    except (urllib.error.URLError, OSError, ValueError) as err:  # timeouts are OSError (socket.timeout)
-        raise ValueError(f"cannot fetch {url} within {timeout:g} s: {err}") from err
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: wakes a blocked read, TLS or not
+    except OSError:
+        pass
+
+
+class _RefusedRedirect(ValueError):
+    pass
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not is_remote_url(newurl):
+            raise _RefusedRedirect(f"it redirects to {newurl}: only redirects to http(s) are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _watched_handlers(deadline: _Deadline) -> list[urllib.request.BaseHandler]:
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def do_open(self, http_class, req, **kwargs):
+            return super().do_open(deadline.connection_class(http_class), req, **kwargs)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def do_open(self, http_class, req, **kwargs):
+            return super().do_open(deadline.connection_class(http_class), req, **kwargs)
+
+    return [HTTPHandler(), HTTPSHandler(), _HttpOnlyRedirects()]
+
+
+class UrlStream(io.RawIOBase):
+    """The body of an http(s) URL as a read-only stream, under a `UrlPolicy`: the whole fetch ends by its deadline
+    and after `max_bytes`; each is one ValueError naming the URL. Use as a context manager (or close it)."""
+
+    def __init__(self, url: str, policy: UrlPolicy) -> None:
+        super().__init__()
+        policy.check(url)
+        self.url, self.policy, self.received = url, policy, 0
+        self.name = url
+        self._deadline = _Deadline(policy.timeout)
+        opener = urllib.request.build_opener(*_watched_handlers(self._deadline))
+        try:
+            self._response = opener.open(url, timeout=policy.timeout)
+        except BaseException as err:
+            self._deadline.cancel()
+            raise self._error(err) from err
+        declared = self._response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
+            self.close()
+            raise ValueError(f"{url} is {int(declared)} bytes, more than max_url_bytes={policy.max_bytes}; raise "
+                             "max_url_bytes or download the file")
+
+    def _error(self, err: BaseException) -> BaseException:
+        if self._deadline.expired:
+            return ValueError(f"cannot fetch {self.url} within {self.policy.timeout:g} s: the time was up after "
+                              f"{self.received} bytes")
+        if isinstance(err, _RefusedRedirect):
+            return ValueError(f"cannot fetch {self.url}: {err}")
+        if isinstance(err, (urllib.error.URLError, OSError, ValueError, http.client.HTTPException)):
+            return ValueError(f"cannot fetch {self.url} within {self.policy.timeout:g} s: {err}")
+        return err
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            chunk = self._response.read1(len(buffer))
+        except BaseException as err:
+            raise self._error(err) from err
+        if not chunk and self._deadline.expired:  # a shut-down socket reads as the end of the body
+            raise self._error(TimeoutError())
+        self.received += len(chunk)
+        if self.received > self.policy.max_bytes:
+            raise ValueError(f"{self.url} sent more than max_url_bytes={self.policy.max_bytes} bytes; raise "
+                             "max_url_bytes or download the file")
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._deadline.cancel()
+            response = getattr(self, "_response", None)
+            if response is not None:
+                response.close()
+        super().close()
+
+
+def fetch_url(url: str, policy: UrlPolicy | None = None) -> bytes:
+    """The bytes at an http(s) URL under `policy` (default `UrlPolicy()`); one ValueError naming the URL otherwise."""
+    with UrlStream(url, policy or UrlPolicy()) as stream:
+        return b"".join(iter(lambda: stream.read(1 << 20), b""))
 
 
 def source_name(source: Any) -> str:
@@ -229,12 +415,13 @@ def _require_av() -> None:
 class _VideoFile:
     """Opens a video source with PyAV, turning every failure into one clear exception."""
 
-    def __init__(self, source: str | os.PathLike | bytes | io.IOBase, url_timeout: float = DEFAULT_URL_TIMEOUT,
-                 allow_remote: bool = True) -> None:
+    def __init__(self, source: str | os.PathLike | bytes | io.IOBase, url_policy: UrlPolicy | None = None) -> None:
         _require_av()
         self.name = source_name(source)
+        if isinstance(source, str):
+            check_media_string(source, url_policy or UrlPolicy(), "video")
         if is_remote_url(source):
-            self._source = fetch_url(source, url_timeout, allow_remote)
+            self._source = fetch_url(source, url_policy)
         elif isinstance(source, (str, os.PathLike)):
             path = local_path(source)
             if not os.path.isfile(path):
@@ -315,10 +502,14 @@ def _scan_stream(container: "av.container.InputContainer", name: str) -> _Stream
     exact and cheap, and gives real times for variable-frame-rate files.
     """
     stream = container.streams.video[0]
-    pts, keys, missing = [], [], False
+    pts, keys, missing, last_dts = [], [], False, None
     for packet in container.demux(stream):
         if packet.size == 0:  # the demuxer's final flush packet
             continue
+        if packet.dts is not None:
+            if last_dts is not None and packet.dts < last_dts:
+                raise _timestamps_restart(name, len(pts), last_dts, packet.dts, stream.time_base)
+            last_dts = packet.dts
         stamp = packet.pts if packet.pts is not None else packet.dts
         missing |= stamp is None
         pts.append(stamp)
@@ -338,6 +529,39 @@ def _scan_stream(container: "av.container.InputContainer", name: str) -> _Stream
         width=stream.codec_context.width,
         height=stream.codec_context.height,
     )
+
+
+def _timestamps_restart(name: str, frame: int, before: int, after: int, time_base: Fraction | None) -> ValueError:
+    """Decode timestamps go back only where recordings were joined end to end (`cat a.ts b.ts`): frame times,
+    seeking and the sampled frames would mix the parts up."""
+    def seconds(stamp: int) -> str:
+        return f"{float(stamp * time_base):.2f} s" if time_base else f"{stamp}"
+
+    return ValueError(f"{name}: the video's timestamps restart at frame {frame} (from {seconds(before)} back to "
+                      f"{seconds(after)}): it holds several recordings joined end to end (as `cat a.ts b.ts` makes), "
+                      "whose frames cannot be placed in time; split it where the timestamps restart, or re-encode it "
+                      "into one stream")
+
+
+class _FrameSize:
+    """Every decoded frame must have the size the stream declares: a change means parts of different recordings
+    joined end to end, and one size in the metadata would be false for some frames."""
+
+    def __init__(self, index: _StreamIndex) -> None:
+        self.size = (index.width, index.height) if index.width and index.height else None
+        self.first_pts = int(index.pts[0]) if index.pts is not None else None
+
+    def check(self, frame: Any) -> None:
+        size = (frame.width, frame.height)
+        if self.size is None:
+            self.size = size
+        elif size != self.size:
+            at = ""
+            if frame.pts is not None and frame.time_base and self.first_pts is not None:
+                at = f" (seen at {float((frame.pts - self.first_pts) * frame.time_base):.2f} s)"
+            raise ValueError(f"the frame size changes inside the video, from {self.size[0]}x{self.size[1]} to "
+                             f"{size[0]}x{size[1]}{at}: it holds parts of different recordings joined end to end; "
+                             "split it where the size changes, or re-encode it to one size")
 
 
 def _check_complete(index: _StreamIndex, name: str, allow_partial: bool) -> None:
@@ -376,8 +600,10 @@ def _report(problems: list[str], name: str, allow_partial: bool) -> None:
 class _ForwardDecoder:
     """Decodes forward from the current position, remembering the last frame (targets may share it)."""
 
-    def __init__(self, container: "av.container.InputContainer", stream: "av.video.stream.VideoStream") -> None:
+    def __init__(self, container: "av.container.InputContainer", stream: "av.video.stream.VideoStream",
+                 size: _FrameSize) -> None:
         self._frames = container.decode(stream)
+        self._size = size
         self.frame = None
 
     def advance_to(self, target_pts: int) -> Any:
@@ -387,6 +613,7 @@ class _ForwardDecoder:
                 self.frame = next(self._frames)
             except StopIteration:
                 return self.frame
+            self._size.check(self.frame)
         return self.frame
 
 
@@ -394,7 +621,8 @@ class _SeekFailed(Exception):
     """The demuxer cannot land at or before a frame: decode sequentially instead."""
 
 
-def _seek(container, stream, keyframe_pts: np.ndarray, key_slot: int, target: int) -> _ForwardDecoder:
+def _seek(container, stream, keyframe_pts: np.ndarray, key_slot: int, target: int, size: _FrameSize
+          ) -> _ForwardDecoder:
     """Seek to keyframe `key_slot` and return a decoder positioned at or before `target`.
 
     Some demuxers (MPEG-TS) land after the requested keyframe: then earlier keyframes are tried,
@@ -405,7 +633,7 @@ def _seek(container, stream, keyframe_pts: np.ndarray, key_slot: int, target: in
             container.seek(0)  # the start of the file (AV_TIME_BASE units)
         else:
             container.seek(int(keyframe_pts[slot]), stream=stream, backward=True, any_frame=False)
-        decoder = _ForwardDecoder(container, stream)
+        decoder = _ForwardDecoder(container, stream, size)
         first = decoder.advance_to(-(2**62))  # the first frame after the seek
         if first is not None and first.pts is not None and first.pts <= target:
             return decoder
@@ -423,12 +651,12 @@ def _decode_by_seeking(
     decode (another frame stands in) are appended to `missed`.
     """
     stream = container.streams.video[0]
-    decoder, position = None, None
+    decoder, position, size = None, None, _FrameSize(index)
     for i in wanted:
         target = int(index.pts[i])
         key_slot = max(0, int(np.searchsorted(index.keyframe_pts, target, side="right")) - 1)
         if decoder is None or position is None or index.keyframe_pts[key_slot] > position:
-            decoder = _seek(container, stream, index.keyframe_pts, key_slot, target)
+            decoder = _seek(container, stream, index.keyframe_pts, key_slot, target, size)
         frame = decoder.advance_to(target)
         if frame is None or frame.pts is None:
             raise _SeekFailed(f"no frame decoded up to pts {target}")
@@ -439,12 +667,13 @@ def _decode_by_seeking(
 
 
 def _decode_sequentially(
-    container: "av.container.InputContainer", wanted: np.ndarray, missed: list[int]
+    container: "av.container.InputContainer", index: _StreamIndex, wanted: np.ndarray, missed: list[int]
 ) -> Iterator[tuple[int, Any]]:
     """Yield (frame index, frame) for sorted unique `wanted` by counting decoded frames (no timestamps)."""
     stream = container.streams.video[0]
-    wanted_list, position, last = [int(i) for i in wanted], 0, None
+    wanted_list, position, last, size = [int(i) for i in wanted], 0, None, _FrameSize(index)
     for count, frame in enumerate(container.decode(stream)):
+        size.check(frame)
         last = frame
         while position < len(wanted_list) and wanted_list[position] == count:
             yield wanted_list[position], frame
@@ -491,7 +720,7 @@ def _decode_wanted(
     with video.open() as container:
         container.streams.video[0].codec_context.thread_type = "AUTO"  # frame threads: ~cores x faster
         frames = (_decode_by_seeking(container, index, wanted, missed) if seek
-                  else _decode_sequentially(container, wanted, missed))
+                  else _decode_sequentially(container, index, wanted, missed))
         # transformers' progress bar: drawn only once decoding runs past PROGRESS_DELAY_SECONDS, silenced by
         # `transformers.utils.logging.disable_progress_bar()`.
         progress = tqdm(total=len(wanted), desc="Decoding video frames", unit="frame", delay=PROGRESS_DELAY_SECONDS)
@@ -518,8 +747,7 @@ def read_video_frames(
     sampling: VideoSampling,
     convert: Callable[[Image.Image], Any],
     frame_bytes: int | None = None,
-    url_timeout: float = DEFAULT_URL_TIMEOUT,
-    allow_remote: bool = True,
+    url_policy: UrlPolicy | None = None,
 ) -> tuple[list[Any], VideoXLVideoMetadata]:
     """Decode the sampled frames of a video file and pass each, as an upright RGB PIL image, to
     `convert` as soon as it is decoded (so only converted frames are ever held).
@@ -529,7 +757,7 @@ def read_video_frames(
         sampling: which frames.
         convert: applied to each decoded frame.
         frame_bytes: bytes of one output frame, for the memory figure in a too-many-frames error.
-        url_timeout / allow_remote: the network policy for http(s) URLs.
+        url_policy: how http(s) URLs are fetched (default `UrlPolicy()`: allowed, 30 s, 2 GiB).
 
     Returns ([convert(frame) for each sampled index, in order; repeated indices share the result],
     metadata). Errors: FileNotFoundError (missing path), ValueError (not a video, no video stream,
@@ -537,7 +765,7 @@ def read_video_frames(
     naming the source.
     """
     sampling.validate()
-    video = _VideoFile(source, url_timeout, allow_remote)
+    video = _VideoFile(source, url_policy)
     with video.open() as container:
         try:
             index = _scan_stream(container, video.name)
@@ -567,6 +795,52 @@ def read_video_frames(
         frame_times=None if any(seconds[i] is None for i in wanted) else [seconds[int(i)] for i in indices],
     )
     return [converted[int(i)] for i in indices], metadata
+
+
+@dataclass
+class VideoProbe:
+    """What a cheap look at a video file says: its first frame's size and the duration its header declares."""
+
+    width: int
+    height: int
+    declared_frames: int | None
+    declared_seconds: float | None
+
+
+def probe_video(source: str | os.PathLike, url_policy: UrlPolicy | None = None) -> VideoProbe:
+    """Open a video (path, `file://` or http(s) URL under `url_policy`) and decode its first frame only: what a
+    check of a whole dataset can afford per file. One ValueError (FileNotFoundError for a missing path) naming the
+    file when it cannot be read as a video."""
+    _require_av()
+    name, policy = os.fspath(source), url_policy or UrlPolicy()
+    check_media_string(name, policy, "video")
+    if is_remote_url(name):
+        target: Any = UrlStream(name, policy)  # only the bytes up to the first frame are fetched
+    else:
+        target = local_path(name)
+        if not os.path.isfile(target):
+            raise FileNotFoundError(f"video file not found: {name}")
+    try:
+        with av.open(target, mode="r", metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise ValueError(f"{name}: the file has no video stream")
+            stream = container.streams.video[0]
+            first = next(iter(container.decode(stream)), None)
+            if first is None:
+                raise ValueError(f"{name}: no frame of the video decodes")
+            rate = stream.average_rate or stream.guessed_rate
+            if stream.frames and rate:
+                seconds = stream.frames / float(rate)
+            elif stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / 1e6 if container.duration else None
+            return VideoProbe(first.width, first.height, int(stream.frames) or None, seconds)
+    except (av.error.FFmpegError, IndexError) as err:
+        raise ValueError(f"{name}: cannot be read as a video (PyAV: {err})") from err
+    finally:
+        if isinstance(target, UrlStream):
+            target.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,5 +891,5 @@ def sample_frames_in_memory(
     return [converted[int(i)] for i in indices], metadata
 
 
-__all__ = ["VideoSampling", "VideoXLVideoMetadata", "read_video_frames", "sample_frames_in_memory",
-           "fetch_url", "in_memory_frames"]
+__all__ = ["VideoSampling", "VideoXLVideoMetadata", "read_video_frames", "sample_frames_in_memory", "UrlPolicy",
+           "UrlStream", "fetch_url", "check_media_string", "probe_video", "VideoProbe", "in_memory_frames"]

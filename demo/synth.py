@@ -727,6 +727,75 @@ def make_sample(
     )
 
 
+@dataclass
+class Question:
+    """One four-option question about a video: ``name`` is a question kind of the demo (``"colour"``, ...,
+    ``"counting"``); ``answer`` the correct letter."""
+
+    name: str
+    question: str
+    options: list[str]
+    answer: str
+
+    @property
+    def answer_text(self) -> str:
+        return self.options[LETTERS.index(self.answer)]
+
+
+@dataclass
+class Tour:
+    """One video and a question of every kind about it (``make_tour``); ``frames`` uint8 ``[F, H, W, 3]``;
+    ``needles`` A's appearances in time order, then B."""
+
+    frames: np.ndarray
+    questions: list[Question]
+    needles: list[Needle]
+    seed: int
+
+
+def make_tour(seed: int, num_frames: int, height: int = 240, width: int = 320) -> Tour:
+    """A video that answers one question of every kind (colour, shape, quadrant, ordering, counting).
+
+    Object A appears 2 to 4 times, each time in the same quadrant; object B, of another colour and shape, appears
+    once, before or after all of A's appearances; runs keep ``APPEARANCE_GAP`` frames apart. So every question
+    has one answer: A's colour (named by its shape), B's shape (named by its colour), A's quadrant, which object
+    came first or last, and how many times A appeared.
+    """
+    frames, _ = make_haystack(seed, num_frames, height, width)
+    rng = np.random.default_rng([seed, 3])  # task stream: independent of the haystack's and of make_sample's
+    a_colour, b_colour = (str(c) for c in rng.permutation(list(COLOURS))[:2])
+    a_shape, b_shape = (str(s) for s in rng.permutation(list(SHAPES))[:2])
+    count = int(rng.integers(2, 5))
+    starts = sorted(place_runs(rng, count + 1, num_frames, 1, gap=APPEARANCE_GAP))
+    b_first = bool(rng.integers(2))
+    b_start, a_starts = (starts[0], starts[1:]) if b_first else (starts[-1], starts[:-1])
+    a_position = _pick(rng, POSITIONS)
+    a_box = needle_box(rng, a_position, height, width)
+    a_needles = [Needle(a_colour, a_shape, None, a_position, (s,), a_box) for s in a_starts]
+    b_position = _pick(rng, POSITIONS)
+    b = Needle(b_colour, b_shape, None, b_position, (b_start,), needle_box(rng, b_position, height, width))
+    for needle in [*a_needles, b]:
+        paste_needle(frames, needle)
+
+    a = a_needles[0]
+    which = _pick(rng, ORDERING_WHICH)
+    target, other = (b, a) if b_first == (which == "first") else (a, b)
+    unseen = [f"{c} {s}" for c, s in _distinct_objects(rng, 2, avoid=[(a_colour, a_shape), (b_colour, b_shape)])]
+    asked = [  # as with make_sample's distractors, the other object's colour or shape is never an option
+        ("colour", RETRIEVAL_PROMPTS["colour"].format(shape=a_shape), a_colour, _wrong_values(rng, [c for c in COLOURS if c != b_colour], a_colour)),
+        ("shape", RETRIEVAL_PROMPTS["shape"].format(colour=b_colour), b_shape, _wrong_values(rng, [s for s in SHAPES if s != a_shape], b_shape)),
+        ("quadrant", *_retrieval_question(rng, "position", a)),
+        ("ordering", ORDERING_PROMPT.format(which=which), target.describe(), [other.describe(), *unseen]),
+        ("counting", COUNTING_PROMPT.format(colour=a_colour, shape=a_shape), str(count),
+         [c for c in COUNTS if c != str(count)]),
+    ]
+    questions = []
+    for name, prompt, correct, wrong in asked:
+        options, letter = _arrange_options(rng, correct, wrong)
+        questions.append(Question(name, format_question(prompt, options), options, letter))
+    return Tour(frames, questions, [*a_needles, b], seed)
+
+
 # (prompt, correct option, three wrong options, attribute, needles, run start frames)
 _Built = tuple[str, str, list[str], str | None, list[Needle], list[int]]
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from scripts.local_import import image_processing, video_decoding
+
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IGNORE_INDEX = -100
@@ -72,8 +74,9 @@ def raw_samples(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def resolve(media: str, root: Path) -> str:
-    """A media path made absolute against `root`; URLs and absolute paths stay as they are."""
-    if "://" in media or Path(media).is_absolute():
+    """A media path made absolute against `root`; URLs (any scheme: others are refused later) and absolute paths
+    stay as they are."""
+    if video_decoding().url_scheme(media) is not None or Path(media).is_absolute():
         return media
     return str(root / media)
 
@@ -101,6 +104,9 @@ def to_messages(sample: dict, video_token: str, image_token: str) -> list[dict]:
     first_user = next((m for m in messages if m["role"] == "user"), None)
     if first_user is None:
         raise ValueError("a sample needs at least one user turn")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("the sample has no assistant turn: nothing to learn from (only assistant answers are "
+                         "labelled); add the answer, or leave the sample out")
     text = "".join(m["content"] for m in messages)
     for token, key in ((image_token, "image"), (video_token, "video")):
         if as_list(sample.get(key)) and token not in text:
@@ -223,38 +229,57 @@ class VideoXLCollator:
 # ---- checking a dataset before training ------------------------------------------------------------------------------
 
 
-def video_frame_count(video: str, sampling: dict) -> int:
-    """Frames the processor will sample from a video file, from its container header only (nothing decoded).
+def video_frame_count(probe, sampling: dict) -> int:
+    """Frames the processor will sample from a video, from its header (`probe_video`; nothing more decoded).
 
     Exact for `num_frames` sampling; for `fps` sampling the duration comes from the header, so the count can be off
     by a frame (the collator still refuses a batch over `max_length`).
     """
     if sampling.get("fps") is not None:
-        import av
-
-        with av.open(video, metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
-            if stream.frames and stream.average_rate:
-                seconds = stream.frames / float(stream.average_rate)
-            elif stream.duration is not None and stream.time_base is not None:
-                seconds = float(stream.duration * stream.time_base)
-            else:
-                seconds = (container.duration or 0) / 1e6
-        count = max(1, int(seconds * sampling["fps"] + 1e-6))
+        count = max(1, int((probe.declared_seconds or 0.0) * sampling["fps"] + 1e-6))
     else:
         count = int(sampling["num_frames"])
     max_frames = sampling.get("max_frames")
     return min(count, max_frames) if max_frames is not None else count
 
 
+def open_media(sample: dict, processor) -> dict[str, list]:
+    """Open every media file of a sample cheaply: each video's container and first frame (`probe_video`), each
+    image whole. Paths, `file://` URLs and, under the processor's URL policy, http(s) URLs; anything else is
+    refused. Returns {"video": [VideoProbe | in-memory video], "image": [...]}; raises FileNotFoundError or one
+    ValueError naming the file."""
+    decoding, images = video_decoding(), image_processing()
+    policy = getattr(processor, "url_policy", None)
+    opened: dict[str, list] = {"video": [], "image": []}
+    for video in as_list(sample.get("video")):
+        opened["video"].append(decoding.probe_video(video, policy) if isinstance(video, str) else video)
+    for image in as_list(sample.get("image")):
+        if isinstance(image, str):
+            source = images.load_image_source(image, "image", policy)
+            image = images.to_rgb_image(source, f"image ({image})")
+        opened["image"].append(image)
+    return opened
+
+
 def check_dataset(
     path: str | Path, processor, sampling: dict | None = None, max_length: int | None = None,
     media_root: str | Path | None = None, same_visual_layout: bool = False,
 ) -> list[dict]:
-    """Read and check every sample of a JSON-lines file before training; return the samples.
+    """Read and check every sample of a JSON-lines file before training; return the samples (see `checked_samples`)."""
+    return [sample for _, sample in checked_samples(path, processor, sampling, max_length, media_root,
+                                                    same_visual_layout)]
 
-    Streams the file once and decodes no video: each sample must parse, have valid turns, name media files that
-    exist, and (with `max_length`) fit in `max_length` tokens, visual tokens counted from the sampling settings.
+
+def checked_samples(
+    path: str | Path, processor, sampling: dict | None = None, max_length: int | None = None,
+    media_root: str | Path | None = None, same_visual_layout: bool = False,
+) -> list[tuple[str, dict]]:
+    """`("file:line", sample)` for every sample of a JSON-lines file, each checked before training.
+
+    Streams the file once. Each sample must parse, have valid turns and at least one assistant answer (something
+    to learn), name media that open (every video's container and first frame, every image: a corrupt file or a
+    path that is not a video stops the run here, not at its step), and (with `max_length`) fit in `max_length`
+    tokens, visual tokens counted from the sampling settings.
     `same_visual_layout` also requires every sample to hold as many visual tokens per video / images as the first
     (FSDP and ZeRO-3 gather each layer's weights every time the layer runs, once per window: every process must run
     as many).
@@ -268,14 +293,13 @@ def check_dataset(
             messages = to_messages(sample, processor.video_token, processor.image_token)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
-        for key in MEDIA_KEYS:
-            for media in as_list(sample.get(key)):
-                if isinstance(media, str) and "://" not in media and not Path(media).is_file():
-                    raise FileNotFoundError(f"{where}: {key} file not found: {media}")
         try:
-            layout = visual_tokens(sample, processor, sampling) if same_visual_layout or max_length is not None else []
-        except Exception as err:  # an unreadable header: PyAV's errors, or the processor's for an image
-            raise ValueError(f"{where}: a media file cannot be read ({type(err).__name__}: {err})") from err
+            opened = open_media(sample, processor)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{where}: {err}") from None
+        except Exception as err:  # PyAV's, PIL's and the URL policy's errors, each naming the file
+            raise ValueError(f"{where}: a media file cannot be read ({err})") from err
+        layout = visual_tokens(opened, processor, sampling) if same_visual_layout or max_length is not None else []
         first_layout = layout if first_layout is None else first_layout
         if same_visual_layout and layout != first_layout:
             raise ValueError(
@@ -290,7 +314,7 @@ def check_dataset(
                     f"{where}: the sample has {length} tokens, more than max_length={max_length}; sample fewer "
                     "frames (num_frames / fps / max_frames) or raise max_length"
                 )
-        samples.append(sample)
+        samples.append((where, sample))
     if not samples:
         raise ValueError(f"{path}: no samples")
     return samples
@@ -304,15 +328,16 @@ def text_length(messages: list[dict], processor) -> int:
     return sum(token not in (processor.video_token_id, processor.image_token_id) for token in template_ids)
 
 
-def visual_tokens(sample: dict, processor, sampling: dict) -> list[int]:
-    """Visual tokens of each video, then of all images: videos from their headers, images from their tiles."""
+def visual_tokens(opened: dict[str, list], processor, sampling: dict) -> list[int]:
+    """Visual tokens of each video, then of all images (`open_media`'s result): videos from their headers, images
+    from their tiles."""
     counts = []
-    for video in as_list(sample.get("video")):
-        if not isinstance(video, str):
-            raise ValueError("only video file paths can be checked before training")
+    for video in opened["video"]:
+        if not isinstance(video, video_decoding().VideoProbe):
+            raise ValueError("only video files can be counted before training")
         counts.append(video_frame_count(video, sampling) * processor.num_image_tokens)
-    images = as_list(sample.get("image"))
-    if images:  # tiles depend on each image's size: the processor computes them (images are cheap to read)
+    if opened["image"]:  # tiles depend on each image's size: the processor computes them
+        images = opened["image"]
         expanded = processor(text=processor.image_token * len(images), images=images, return_tensors=None)
         counts.append(expanded["input_ids"][0].count(processor.image_token_id))
     return counts

@@ -14,8 +14,12 @@ The command line is `HfArgumentParser` over the project's options (`ProjectArgum
 processor comes from the same place unless `--processor` names another. Each line of `--data` is
 `{"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", "value": "..."}]}`
 (`image` for images, neither for text-only, `role`/`content` instead of `from`/`value`). The whole file is checked
-before training (scripts/collator.py `check_dataset`); only assistant answers are labelled, as the chat template's
-`{% generation %}` blocks mark them.
+before training, every media file opened (scripts/collator.py `checked_samples`); only assistant answers are
+labelled, as the chat template's `{% generation %}` blocks mark them.
+
+Faults stop the run with one error (`VideoXLTrainer`): the first non-finite loss or gradient, before the optimizer
+applies it, naming the step and its samples (`file:line`); non-finite weights are never saved; a checkpoint that
+cannot be written (a full disk) is removed, so `--resume_from_checkpoint last` finds the last good one.
 
 Compression ratios: without `--ratio`, every window draws its ratio from `--ratios` (saved as
 `config.beacon_train_ratios`). The model's ratio schedule is reseeded before every micro-batch from (seed, optimizer
@@ -24,7 +28,9 @@ before, and a run resumed with `--resume_from_checkpoint DIR` (or `last`: the ne
 `--output_dir`) draws what the uninterrupted run would have drawn.
 """
 
+import errno
 import json
+import resource
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -51,7 +57,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 if __package__ in (None, ""):  # run as a file: make the repo root importable for `scripts.collator`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.collator import VideoXLCollator, check_dataset  # noqa: E402
+from scripts.collator import VideoXLCollator, checked_samples  # noqa: E402
 from scripts.local_import import compat  # noqa: E402
 
 
@@ -272,6 +278,174 @@ class RatioLogCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Faults: non-finite numbers, samples named by file:line, checkpoints that cannot be written
+# --------------------------------------------------------------------------------------------------------------------
+
+
+SAMPLE_LOCATIONS = "sample_locations"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """A loss, gradient or weight that is NaN or infinite: training stops before it is applied or saved."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint (or the final model) could not be written; the partial checkpoint is removed."""
+
+
+class LocatedCollator:
+    """Collate `(file:line, sample)` pairs with `collator` and add the batch's `sample_locations`, so a fault can
+    name the samples of its step; an error while collating names them too."""
+
+    def __init__(self, collator: VideoXLCollator):
+        self.collator = collator
+
+    def __call__(self, items: list[tuple[str, dict]]) -> dict:
+        locations = [where for where, _ in items]
+        try:
+            batch = self.collator([sample for _, sample in items])
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{', '.join(locations)}: {err}") from err
+        batch[SAMPLE_LOCATIONS] = locations
+        return batch
+
+
+def non_finite_tensors(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity (a sharded DTensor: its local shard)."""
+    bad = []
+    for name, tensor in named:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            bad.append(name)
+    return bad
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any process (every process takes the same decision, or the others would hang)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop training with `NonFiniteTrainingError` at the first non-finite loss or gradient, before the optimizer
+    applies it: Trainer by default leaves such losses out of its log (`logging_nan_inf_filter`) and steps on, so a
+    diverging run looks fine, ends well and saves NaN weights. The error names the step and its samples."""
+
+    def __init__(self):
+        self.samples: list[str] = []
+        self.bad_loss: tuple[float, list[str]] | None = None
+
+    def record(self, locations: list[str], loss: torch.Tensor) -> None:
+        """Called by `VideoXLTrainer.training_step` after each micro-batch."""
+        self.samples += locations
+        if self.bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
+            self.bad_loss = (float(loss.detach().float().reshape(-1)[0]), locations)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.samples, self.bad_loss = [], None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        trainable = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+        bad_grads = non_finite_tensors(trainable)
+        if not any_process(bool(bad_grads) or self.bad_loss is not None, args.device):
+            return
+        step = state.global_step + 1
+        if self.bad_loss is not None:
+            loss, samples = self.bad_loss
+            what = f"the loss is {loss} on {', '.join(samples) or 'a micro-batch'}"
+        elif bad_grads:
+            what = (f"the gradients of {len(bad_grads)} of {len(trainable)} trainable tensors are not finite (first: "
+                    f"{bad_grads[0]}), from {', '.join(self.samples) or 'this step'}")
+        else:
+            what = "another process met a non-finite loss or gradient"
+        rate = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
+        raise NonFiniteTrainingError(
+            f"training stopped at step {step}: {what}. Nothing of this step was applied and no checkpoint holds it; "
+            f"the learning rate was {rate:g}: lower it (or check these samples) and resume from the last checkpoint"
+        )
+
+
+def write_failure(err: BaseException, folder: Path) -> str:
+    """Why writing into `folder` failed, in words: a full disk (or a file-size limit), or the error itself.
+
+    torch.save reports a failed write as `basic_ios::clear: iostream error`, without the OS error behind it, so the
+    message and the free space are read too.
+    """
+    errnos, texts, chained = set(), [], err
+    while chained is not None:
+        if isinstance(chained, OSError) and chained.errno is not None:
+            errnos.add(chained.errno)
+        texts.append(str(chained))
+        chained = chained.__cause__ or chained.__context__
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    signs = ("No space left", "File too large", "iostream error", "write failed", "quota")
+    full = errnos & {errno.ENOSPC, errno.EDQUOT, errno.EFBIG} or any(s in t for s in signs for t in texts)
+    if not (full or free < 2**26):
+        return f"{type(err).__name__}: {err}"
+    details = [f"{free / 2**20:.0f} MiB free on {existing}"]
+    if limit != resource.RLIM_INFINITY:
+        details.append(f"ulimit -f: {limit} bytes")
+    return f"the disk is full or a file reached its size limit ({'; '.join(details)}; {type(err).__name__}: {err})"
+
+
+def check_finite_weights(model: nn.Module, destination: str) -> None:
+    bad = non_finite_tensors(list(model.named_parameters()))
+    if bad:
+        raise NonFiniteTrainingError(
+            f"refusing to save {destination}: {len(bad)} weight tensors are not finite (first: {bad[0]}); the last "
+            "checkpoint written is the last good one"
+        )
+
+
+def last_checkpoint_note(run_dir: str | Path) -> str:
+    try:
+        return f"the last complete checkpoint is {last_complete_checkpoint(run_dir)}"
+    except FileNotFoundError:
+        return "no complete checkpoint was written before"
+
+
+class VideoXLTrainer(Trainer):
+    """`Trainer` that stops at the first non-finite loss or gradient (`StopOnNonFinite`), never saves non-finite
+    weights, and turns a checkpoint it cannot write into one error saying why (a full disk), with the partial
+    checkpoint removed so that `--resume_from_checkpoint last` finds the last good one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.non_finite = StopOnNonFinite()
+        self.add_callback(self.non_finite)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        locations = inputs.pop(SAMPLE_LOCATIONS, [])
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.non_finite.record(locations, loss)
+        return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        check_finite_weights(self.model, output_dir or self.args.output_dir)
+        super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except NonFiniteTrainingError:
+            raise
+        except Exception as err:
+            why = write_failure(err, folder)
+            shutil.rmtree(folder, ignore_errors=True)  # no half-written checkpoint under its final name
+            raise CheckpointWriteError(
+                f"cannot write {folder}: {why}. The partial checkpoint was removed; {last_checkpoint_note(run_dir)} "
+                "(free space and resume with --resume_from_checkpoint last)"
+            ) from err
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -359,17 +533,17 @@ def build_trainer(project: ProjectArguments, training: TrainingArguments) -> Tra
     sampling = {key: value for key, value in
                 dict(num_frames=project.num_frames, fps=project.fps, max_frames=project.max_frames).items()
                 if value is not None}
-    dataset = check_dataset(project.data, processor, sampling, project.max_length, project.media_root,
-                            same_visual_layout=sharded)
+    dataset = checked_samples(project.data, processor, sampling, project.max_length, project.media_root,
+                              same_visual_layout=sharded)
     model = select_trainable(model, project)
-    collator = VideoXLCollator(processor, **sampling, max_length=project.max_length,
-                               compression_ratio=project.ratio)
+    collator = LocatedCollator(VideoXLCollator(processor, **sampling, max_length=project.max_length,
+                                               compression_ratio=project.ratio))
     callbacks = [RatioSeedCallback(model, training.seed), CheckpointOnlyWhatTrains()]
     if project.log_ratios:
         callbacks.append(RatioLogCallback(model, project.log_ratios))
     if training.fsdp:
         callbacks.append(SaveModelCodeUnderFSDP(model))
-    trainer = Trainer(
+    trainer = VideoXLTrainer(
         model=model,
         args=training,
         train_dataset=dataset,
@@ -391,7 +565,13 @@ def save_outputs(trainer: Trainer, project: ProjectArguments) -> None:
     """The final model (LoRA: the adapter) and the processor in OUTPUT_DIR; with --merge the merged model in
     OUTPUT_DIR/merged."""
     output = trainer.args.output_dir
-    trainer.save_model(output)
+    try:
+        trainer.save_model(output)
+    except NonFiniteTrainingError:
+        raise
+    except Exception as err:
+        raise CheckpointWriteError(f"cannot write the final model into {output}: {write_failure(err, Path(output))}. "
+                                   f"{last_checkpoint_note(output).capitalize()}") from err
     code = next((c for c in trainer.callback_handler.callbacks if isinstance(c, SaveModelCodeUnderFSDP)), None)
     if code is not None and trainer.is_world_process_zero():
         code.copy_to(output)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from demo.qa import answer_letter, ask, load
-from demo.run import BUNDLED_MODEL, QUESTIONS
+from demo.run import BUNDLED_MODEL, QUESTIONS, tour
 from demo.synth import COLOURS, COUNTS, POSITIONS, SHAPES, format_question, make_sample
 from scripts.local_import import CODE_FILES, REPO_ROOT
 
@@ -90,9 +90,44 @@ def test_a_reply_is_scored_by_its_letter_or_by_the_option_it_names():
     assert answer_letter("blue") is None  # no options to match against
 
 
-def test_make_demo_command_runs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "demo.run", "--frames", "20", "--seed", "5"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                                             "HF_HOME": str(tmp_path)})
-    assert "question:" in result.stdout and "answer:" in result.stdout and "truth:" in result.stdout
-    assert "memory positions" in result.stdout
+def run_demo(tmp_path, *args: str) -> str:
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "demo.run", "--frames", "20", "--seed", "5", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, check=True, env=env).stdout
+
+
+def test_make_demo_command_tours_one_memory(tmp_path):
+    out = run_demo(tmp_path)
+    for name in QUESTIONS:
+        assert f"{name}: " in out
+    assert out.count("truth") == len(QUESTIONS) + 1  # every kind, then once more from the saved memory
+    assert "kept positions" in out and "MB" in out and "loaded the memory from the file" in out
+
+
+def test_make_demo_single_question_form_runs(tmp_path):
+    out = run_demo(tmp_path, "--kind", "counting")
+    assert "question:" in out and "answer:" in out and "truth:" in out
+    assert "memory positions" in out
+
+
+def test_tour_encodes_the_video_once_and_answers_from_the_saved_memory(tiny, tmp_path, monkeypatch):
+    """Every question after the first is answered from the kept memory (the vision tower runs during the first
+    question only), and the memory loaded from its file gives the first question's answer again."""
+    model, processor = tiny
+    asked = []
+    encoded_during = []
+    chat = model.chat
+
+    def counting_chat(*args, **kwargs):
+        asked.append(1)
+        return chat(*args, **kwargs)
+
+    monkeypatch.setattr(model, "chat", counting_chat)
+    hook = model.model.vision_tower.register_forward_hook(lambda *_: encoded_during.append(len(asked)))
+    try:
+        records = tour(model, processor, seed=5, frames=20, ratio=16, out_dir=tmp_path)
+    finally:
+        hook.remove()
+    assert [r["question"] for r in records] == [*QUESTIONS, "colour"]
+    assert encoded_during and set(encoded_during) == {1}
+    assert records[-1]["from_file"] and records[-1]["answer"] == records[0]["answer"]

@@ -170,6 +170,31 @@ def test_counting_and_ordering_have_one_answer_in_the_frames_the_model_sees(fram
             assert set(synth.appearances(ordering.needles, indices).values()) == {1}
 
 
+def test_tour_questions_each_have_one_answer():
+    """A appears 2-4 times in one quadrant, B once before or after all of A, a frame between any two appearances;
+    the other object's colour or shape is never an option of a colour or shape question."""
+    for seed in range(60):
+        tour = synth.make_tour(seed, 20, **SMALL)
+        a, b = tour.needles[0], tour.needles[-1]
+        copies = [n for n in tour.needles if n.describe() == a.describe()]
+        times = synth.appearances(tour.needles, range(20))
+        assert times == {a.describe(): len(copies), b.describe(): 1} and 2 <= len(copies) <= 4
+        assert a.colour != b.colour and a.shape != b.shape and len({n.position for n in copies}) == 1
+        assert all(b.frames[0] < n.frames[0] for n in copies) or all(b.frames[0] > n.frames[0] for n in copies)
+        by_name = {q.name: q for q in tour.questions}
+        assert list(by_name) == ["colour", "shape", "quadrant", "ordering", "counting"]
+        assert by_name["colour"].answer_text == a.colour and b.colour not in by_name["colour"].options
+        assert by_name["shape"].answer_text == b.shape and a.shape not in by_name["shape"].options
+        assert by_name["quadrant"].answer_text == a.position
+        first = min(tour.needles, key=lambda n: n.frames[0]).describe()
+        last = max(tour.needles, key=lambda n: n.frames[0]).describe()
+        ordering = by_name["ordering"]
+        assert ordering.answer_text == (first if "first" in ordering.question else last)
+        assert by_name["counting"].answer_text == str(len(copies))
+        for q in tour.questions:
+            assert QUESTION_RE.match(q.question) and len(set(q.options)) == 4
+
+
 def test_distractors_never_share_colour_or_shape_with_the_question():
     for seed in range(30):
         s = make_sample(seed, 10, KINDS[seed % 3], distractors=2, **SMALL)
