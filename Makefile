@@ -13,7 +13,7 @@ EVAL_PY := $(EVAL_VENV)/bin/python
 EVAL_STAMP := $(EVAL_VENV)/.installed
 TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: venv venv-oldest eval-venv test test-all test-oldest test-eval demo clean
+.PHONY: venv venv-oldest eval-venv test test-all test-oldest test-eval demo clean app app-deps test-app bench-app
 
 venv: $(STAMP)
 
@@ -61,6 +61,31 @@ test-oldest: $(OLDEST_STAMP)
 test-eval: $(EVAL_STAMP)
 	$(TEST_ENV) HF_DATASETS_OFFLINE=1 $(EVAL_PY) -m pytest -q integrations/lmms_eval/tests tests/test_media_files.py \
 		tests/test_media_inputs.py tests/test_processor.py
+
+# The browser app (app.py): its Python packages (requirements-app.txt) in .venv, and Debian's Chromium for its test
+# (Playwright drives /usr/bin/chromium; Playwright's own browser download is not used).
+APP_STAMP := $(VENV)/.app-installed
+CHROMIUM := /usr/bin/chromium
+
+app-deps: $(APP_STAMP) $(CHROMIUM)
+
+$(APP_STAMP): $(STAMP) requirements-app.txt
+	$(PY) -m pip install -q -r requirements-app.txt
+	touch $(APP_STAMP)
+
+$(CHROMIUM):
+	apt-get update -q
+	apt-get install -y -q chromium
+
+app: $(APP_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) app.py
+
+# app.py in headless Chromium (tests_app/: apart from `tests`, whose venvs have no Gradio).
+test-app: app-deps
+	$(TEST_ENV) $(PY) -m pytest -q tests_app
+
+bench-app: $(APP_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.app_latency
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m demo.run

@@ -4,6 +4,7 @@ layers carry extra projections for visual summarization tokens (VSTs)."""
 # First: an unsupported transformers fails here with one clear error, before a name that moved can fail below.
 from .compat_videoxl import check_transformers_version  # noqa: F401, I001
 
+import copy
 import math
 
 from huggingface_hub.dataclasses import strict
@@ -56,6 +57,14 @@ AUTO_MAP = {
     "AutoModel": "modeling_videoxl.VideoXLForCausalLM",
     "AutoModelForCausalLM": "modeling_videoxl.VideoXLForCausalLM",
     "AutoModelForImageTextToText": "modeling_videoxl.VideoXLForCausalLM",
+}
+# `pipeline("image-text-to-text", model=path, trust_remote_code=True)` builds this class (mixed batches, see its file).
+CUSTOM_PIPELINES = {
+    "image-text-to-text": {
+        "impl": "pipeline_videoxl.VideoXLImageTextToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    },
 }
 
 
@@ -111,6 +120,8 @@ class VideoXLConfig(PreTrainedConfig):
         if not getattr(self, "auto_map", None):
             # Saved into config.json so that every Auto class finds the remote code.
             self.auto_map = dict(AUTO_MAP)
+        if not getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)  # the pipeline edits it in place
         if self.beacon_train_ratios is None:
             self.beacon_train_ratios = [2, 4, 8]
         if self.beacon_param is None:

@@ -243,6 +243,19 @@ class RatioSchedule:
         return draw
 
 
+# A prefill whose windows take less than this shows no progress bar (tqdm's `delay`).
+PROGRESS_DELAY_SECONDS = 2.0
+
+
+def window_progress(steps: list[Step], training: bool):
+    """transformers' progress bar over the visual windows of an inference prefill, silenced by
+    `transformers.utils.logging.disable_progress_bar()`; none for training or steps without windows."""
+    windows = sum(step.is_window for step in steps)
+    if training or not windows:
+        return logging.EmptyTqdm()
+    return logging.tqdm(total=windows, desc="Encoding video windows", unit="window", delay=PROGRESS_DELAY_SECONDS)
+
+
 def allowed_ratios(config: VideoXLConfig) -> list[int]:
     """Ratios that divide every window: the window length and the tokens of one frame or tile."""
     unit = math.gcd(config.beacon_window, config.tokens_per_frame)
@@ -800,6 +813,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         steps = self.plan(input_ids, visual, compression_ratio)
 
         outputs, kept_states = [], []
+        progress = window_progress(steps, self.training)
         for step in steps:
             layer_states = [] if output_hidden_states else None
             hidden_states = self.run_step(step, input_ids, inputs_embeds, visual, valid, cache, layer_states)
@@ -811,6 +825,9 @@ class VideoXLModel(VideoXLPreTrainedModel):
                     outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
             if output_hidden_states:
                 kept_states.append(self.kept_rows(step, layer_states))
+            if step.is_window:
+                progress.update()
+        progress.close()
         self.warn_beyond_max_positions(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(outputs, dim=1) if len(outputs) > 1 else (outputs[0] if outputs else None),

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from transformers.utils.logging import tqdm
 from transformers.video_utils import VideoMetadata
 
 try:  # PyAV is only needed for video files; image-only users can do without it.
@@ -61,6 +62,8 @@ FRAME_BUDGET = 1024
 # Seconds a whole URL fetch may take, and the most bytes it may bring (a fetched video is held in memory).
 DEFAULT_URL_TIMEOUT = 30.0
 DEFAULT_MAX_URL_BYTES = 2**31
+# Decoding shorter than this shows no progress bar (tqdm's `delay`).
+PROGRESS_DELAY_SECONDS = 2.0
 REMOTE_SCHEMES = ("http://", "https://")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
@@ -741,15 +744,21 @@ def _decode_wanted(
         container.streams.video[0].codec_context.thread_type = "AUTO"  # frame threads: ~cores x faster
         frames = (_decode_by_seeking(container, index, wanted, missed) if seek
                   else _decode_sequentially(container, index, wanted, missed))
+        # transformers' progress bar: drawn only once decoding runs past PROGRESS_DELAY_SECONDS, silenced by
+        # `transformers.utils.logging.disable_progress_bar()`.
+        progress = tqdm(total=len(wanted), desc="Decoding video frames", unit="frame", delay=PROGRESS_DELAY_SECONDS)
         try:
             for i, frame in frames:
                 rotation = display_rotation(frame)
                 converted[i] = convert(upright_image(frame))  # resized and cropped right away
                 seconds[i] = _frame_seconds(frame, index, i, first_pts)
+                progress.update()
         except av.error.FFmpegError as err:
             raise video.error(err) from err
         except ValueError as err:
             raise ValueError(f"{video.name}: {err}") from err
+        finally:
+            progress.close()
     if missed:
         _report([f"{len(missed)} of the {len(wanted)} sampled frames do not decode (first: frame {missed[0]})"],
                 video.name, allow_partial)

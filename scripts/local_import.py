@@ -23,6 +23,7 @@ CODE_FILES = (
     "image_processing_videoxl.py",
     "video_decoding_videoxl.py",
     "compat_videoxl.py",
+    "pipeline_videoxl.py",
 )
 
 
