@@ -55,6 +55,10 @@ from .inputs_videoxl import (
     visual_kinds,
 )
 from .session_videoxl import LiveVideo, chat
+# transformers 5.10 copies into its module cache only this file's own relative imports, not theirs: the modules that
+# only the imported files import are named here too, so that the remote code loads there.
+from .cache_file_videoxl import CacheFileError  # noqa: F401
+from .video_decoding_videoxl import UrlPolicy  # noqa: F401
 
 
 logger = logging.get_logger(__name__)
