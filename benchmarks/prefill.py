@@ -177,12 +177,16 @@ def point_flops(size: str, frames: int, ratio: int, clip_layers: int | None = No
 
 
 def rss_mb() -> float:
-    """Current resident set size of this process."""
+    """Current resident set size of this process, from the counters VmHWM comes from (/proc/self/statm's lag them by
+    a few pages, enough to put a tiny run's base above its peak)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reset_peak_rss() -> bool:
@@ -412,6 +416,9 @@ def run_child(spec: dict) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             else:
                 resettable = reset_peak_rss()
+                # the collection above may hand freed pages back (mmap allocator): memory before the prefill is what
+                # is left now, which the reset high-water mark starts from
+                base_mb = min(base_mb, rss_mb())
             runner.vision_s = runner.vision_cpu_s = 0.0
             start, start_cpu = runner.clock(), time.process_time()
             logits, cache = runner.prefill(ids, pixels)
