@@ -44,9 +44,6 @@ TINY_PINPOINTS = [[FRAME_SIZE * a, FRAME_SIZE * b] for a in (1, 2) for b in (1, 
 TRAIN_RATIOS = [2, 4, 8, 16]
 RETRIEVAL_ATTRIBUTES = ("colour", "shape", "position")  # one question per video: see `training_sample`
 KIND_WEIGHTS = (0.5, 0.25, 0.25)  # of demo.synth.KINDS: retrieval, ordering, counting
-# Samples that also show one other object (a distractor, of another colour and shape): the question must be answered
-# about the object it names, as in `make demo`'s tour video, where two objects share the screen.
-DISTRACTOR_SHARE = 0.3
 TRAIN_SEED_OFFSET = 1_000_000  # videos from here up, vision-stage frames from half of it; evaluation stays below
 # Training renders the central square only: the processor's centre crop would discard the side strips anyway.
 TRAIN_HEIGHT = TRAIN_WIDTH = 240
@@ -126,21 +123,15 @@ def training_group(seed: int, progress: float, size: int) -> list[dict]:
 def training_sample(seed: int, num_frames: int, kind: str, needle_len: int = 1) -> dict:
     """One video and one question about it. Only one: a colour question names the shape and a shape question the
     colour, so a second question about the same needle could copy its answer from the first one's text instead of
-    reading the video. A share of the samples (`DISTRACTOR_SHARE`) also shows a distractor. `needle` is the needle
-    the answer names (`answered_needle`), for `needle_words_loss`; `shown` every needle on screen (distractors
-    left out: the VST losses leave their VSTs free)."""
+    reading the video. `needle` is the needle the answer names (`answered_needle`), for `needle_words_loss`;
+    `shown` every needle on screen, for the VST losses."""
     rng = np.random.default_rng(seed)
     if kind == "retrieval":
         attribute = str(rng.choice(RETRIEVAL_ATTRIBUTES))
-        needle_len = min(needle_len, num_frames)
-        # 3 runs' length and a frame more: another run of the same length fits beside the needle wherever it is
-        distractors = int(rng.random() < DISTRACTOR_SHARE and 3 * needle_len < num_frames)
-        sample = make_sample(seed, num_frames, "retrieval", attribute=attribute, digit_prob=0.0, needle_len=needle_len,
-                             distractors=distractors, height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
+        sample = make_sample(seed, num_frames, "retrieval", attribute=attribute, digit_prob=0.0,
+                             needle_len=min(needle_len, num_frames), height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
     else:
-        distractors = int(rng.random() < DISTRACTOR_SHARE)
-        sample = make_sample(seed, num_frames, kind, digit_prob=0.0, distractors=distractors, height=TRAIN_HEIGHT,
-                             width=TRAIN_WIDTH)
+        sample = make_sample(seed, num_frames, kind, digit_prob=0.0, height=TRAIN_HEIGHT, width=TRAIN_WIDTH)
     turns = [{"from": "human", "value": sample.question}, {"from": "gpt", "value": sample.answer_text}]
     return {"video": sample.frames, "conversations": turns, "needle": answered_needle(sample),
             "shown": sample.needles}

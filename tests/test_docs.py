@@ -31,7 +31,7 @@ def placeholders(media: Path) -> dict[str, str]:
         "movie.mp4": str(media / "movie.mp4"),
         "clip.mp4": str(media / "clip.mp4"),
         "photo.jpg": str(media / "photo.jpg"),
-        "rtsp://camera/stream": str(media / "clip.mp4"),
+        "https://camera.example/live.ts": str(media / "clip.mp4"),
         "movie.r8.safetensors": str(media / "movie.r8.safetensors"),
     }
 

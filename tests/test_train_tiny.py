@@ -1,11 +1,9 @@
 """The tiny model's training recipe: the extra losses read the logits and VST states they mean to, about the
 needles the answer names or the VSTs show."""
 
-import numpy as np
 import torch
 
 from demo.build_tiny_tokenizer import build_tiny_tokenizer
-from demo import synth
 from demo.synth import COUNTS, appearances, make_sample
 from scripts import train_tiny
 from scripts.collator import VideoXLCollator
@@ -63,19 +61,6 @@ def test_training_counts_and_orders_appearances_a_viewer_would_count():
             else:
                 assert set(times.values()) == {1}
     assert (8, 4) in seen
-
-
-def test_a_distractor_is_placed_wherever_the_needle_sits_where_the_rule_allows_one():
-    """A retrieval sample gets a distractor (`DISTRACTOR_SHARE` of them) only when one surely fits beside its needle:
-    at the tightest length the rule allows (3 runs of 3 frames and one more, in 10) every seed's sample is built, and
-    for every needle length and start the rule allows, a second run fits."""
-    for needle_len in (3, 4, 5):  # 3 gets distractors, 4 and 5 (where one may not fit) none
-        for seed in range(60):
-            assert train_tiny.training_sample(seed, 10, "retrieval", needle_len)["video"].shape[0] == 10
-    for needle_len in range(1, 11):
-        for num_frames in range(3 * needle_len + 1, 3 * needle_len + 12):
-            for start in range(num_frames - needle_len + 1):
-                synth.place_runs(np.random.default_rng(start), 2, num_frames, needle_len, fixed=[start])
 
 
 def test_an_ordering_answer_names_the_object_that_came_first_or_last():
