@@ -126,7 +126,8 @@ def weights_fingerprint(module: torch.nn.Module) -> bytes:
             continue
         flat = tensor.detach().reshape(-1)
         stride = max(flat.numel() // FINGERPRINT_SAMPLES, 1)
-        digest.update(flat[::stride][:FINGERPRINT_SAMPLES].float().cpu().numpy().tobytes())
+        # a copy: numpy on a view of the weight's own storage would pin it (FSDP frees and refills that storage)
+        digest.update(flat[::stride][:FINGERPRINT_SAMPLES].float().cpu().clone().numpy().tobytes())
     return digest.digest()
 
 
