@@ -241,7 +241,7 @@ class VideoQA:
             memory.forget_video()
             raise result["error"]
         memory.video, memory.sampling, memory.ratio, memory.cache = video, sampling, ratio, result["cache"]
-        memory.frames = memory.cache.media[0]["frames"]
+        memory.frames = memory.cache.record.media[0]["frames"]
         memory.encodes += frames_run > 0
         memory.frames_encoded += frames_run
         memory.questions.append({

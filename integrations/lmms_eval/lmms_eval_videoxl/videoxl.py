@@ -306,17 +306,17 @@ class VideoXL(lmms):
         video_id = self.model.config.video_token_id
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         tail = text.rsplit(self.processor.video_token, 1)[1]
-        absorbed = memory.absorbed_ids[0].cpu()
+        absorbed = memory.record.absorbed_ids[0].cpu()
         video_end = int((absorbed == video_id).nonzero().max()) + 1
         whole_tail = self.tokenizer(tail + continuation, add_special_tokens=False)["input_ids"]
         ids = torch.cat([absorbed[:video_end], torch.tensor(whole_tail)]).unsqueeze(0)
         first_target = ids.shape[1] - self._continuation_length(text, continuation)
         memory.align(ids)
-        if memory.seen_tokens > first_target - 1:  # the memory's earlier answer began like this continuation
+        if memory.record.absorbed_length > first_target - 1:  # the memory's earlier answer began like this continuation
             memory.rewind(first_target - 1)
         state = memory.checkpoint()
         try:
-            start = memory.seen_tokens
+            start = memory.record.absorbed_length
             output = self.model(
                 input_ids=ids[:, start:].to(self.device),
                 cache=memory,
