@@ -545,15 +545,15 @@ def _scan_stream(container: "av.container.InputContainer", name: str) -> _Stream
 
 
 def _timestamps_restart(name: str, frame: int, before: int, after: int, time_base: Fraction | None) -> ValueError:
-    """Decode timestamps go back only where recordings were joined end to end (`cat a.ts b.ts`): frame times,
-    seeking and the sampled frames would mix the parts up."""
+    """Decode timestamps go back where recordings were joined end to end (`cat a.ts b.ts`) or where the container
+    is damaged (the two look the same to a demuxer): frame times, seeking and the sampled frames would mix up."""
     def seconds(stamp: int) -> str:
         return f"{float(stamp * time_base):.2f} s" if time_base else f"{stamp}"
 
     return ValueError(f"{name}: the video's timestamps restart at frame {frame} (from {seconds(before)} back to "
-                      f"{seconds(after)}): it holds several recordings joined end to end (as `cat a.ts b.ts` makes), "
-                      "whose frames cannot be placed in time; split it where the timestamps restart, or re-encode it "
-                      "into one stream")
+                      f"{seconds(after)}): it holds several recordings joined end to end (as `cat a.ts b.ts` makes) or "
+                      "it is corrupt, and its frames cannot be placed in time; split it where the timestamps restart, "
+                      "or re-encode it into one stream")
 
 
 class _FrameSize:

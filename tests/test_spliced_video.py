@@ -51,8 +51,8 @@ def test_parts_whose_timestamps_restart_are_refused(parts, second, tmp_path, pro
     folder, a, _ = parts
     spliced = joined(tmp_path / "c.ts", a, folder / second)
     message = (f"{spliced}: the video's timestamps restart at frame 20 (from 1.90 s back to 0.00 s): it holds several "
-               "recordings joined end to end (as `cat a.ts b.ts` makes), whose frames cannot be placed in time; split "
-               "it where the timestamps restart, or re-encode it into one stream")
+               "recordings joined end to end (as `cat a.ts b.ts` makes) or it is corrupt, and its frames cannot be placed "
+               "in time; split it where the timestamps restart, or re-encode it into one stream")
     for sampling in ({"num_frames": 8}, {"fps": 2.0}):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             sample(spliced, **sampling)
