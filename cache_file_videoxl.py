@@ -10,7 +10,8 @@ signature: an HMAC of that checksum keyed by the fingerprint of the writing mode
 Reading is in three stages, so that a hostile or damaged file costs no more than its own size and never a deep
 error: the header alone (every entry's dtype, shape and offsets, and every metadata field, against each other and
 the file's size), then the tensors (checksum, run lengths, finite keys and values), and at the first use with a
-model the signature, the layer count and the ratios against that model (`VideoXLModel.use_cache_here`). The
+model the signature (`BeaconCache.bind`), the layer count and the ratios against that model
+(`check_against_model`). The
 checksum catches damage; the signature catches a file altered by anyone without the weights, who can recompute
 the checksum but not the HMAC.
 """
@@ -169,6 +170,28 @@ def load_cache(cache_class, path: str | Path, device=None, dtype: torch.dtype | 
     }
     cache.seal = (str(path), digest, metadata["signature"])
     return cache
+
+
+def check_against_model(cache, num_layers: int, ratios: list[int], window: int, visual_ids: list[int]) -> None:
+    """A cache read from a file, at its first use with a model of `num_layers` layers that compresses windows of
+    `window` tokens at `ratios`: the layer count and the recorded ratios must be the model's, and the rows after the
+    compressed boundary raw text (no id of `visual_ids`), as the model writes them. The signature is `bind`'s."""
+    path = cache.seal[0]
+    if len(cache.layers) != num_layers:
+        raise ValueError(f"{path} holds {len(cache.layers)} layers of memory; this model has {num_layers}")
+    bad = [r for r in cache.record.ratios if r not in ratios]
+    if bad:
+        raise ValueError(
+            f"{path} records compression ratio(s) {bad}; this model compresses windows of {window} tokens at ratios "
+            f"{ratios}"
+        )
+    text_rows = cache.get_seq_length() - cache.compressed_rows
+    tail = cache.record.absorbed_ids[:, cache.record.absorbed_length - text_rows :]
+    if text_rows and torch.isin(tail, torch.tensor(visual_ids, device=tail.device)).any():
+        raise ValueError(
+            f"{path} is inconsistent: its compressed_rows ({cache.compressed_rows}) leaves visual tokens among the "
+            f"last {text_rows} rows, which only raw text may hold"
+        )
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:

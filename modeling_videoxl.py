@@ -33,6 +33,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from transformers.utils import can_return_tuple, logging
 
 from .beacon_cache import BeaconCache, model_identity, weights_fingerprint, weights_tag
+from .cache_file_videoxl import check_against_model
 from .compat_videoxl import (
     CACHE_NAME,
     BaseModelOutputWithPast,
@@ -57,7 +58,6 @@ from .inputs_videoxl import (
 from .session_videoxl import LiveVideo, chat
 # transformers 5.10 copies into its module cache only this file's own relative imports, not theirs: the modules that
 # only the imported files import are named here too, so that the remote code loads there.
-from .cache_file_videoxl import CacheFileError  # noqa: F401
 from .video_decoding_videoxl import UrlPolicy  # noqa: F401
 
 
@@ -598,33 +598,17 @@ class VideoXLModel(VideoXLPreTrainedModel):
         return BeaconCache(len(self.layers), model_id=self.identity, key=self.weights_key)
 
     def use_cache_here(self, cache: BeaconCache) -> None:
-        """Bind `cache` to this model; a cache read from a file is checked on its first use: its signature, its
-        layers and ratios against this model, and its keys and values are cast to the model's dtype (once)."""
-        if cache.seal is not None:
-            if len(cache.layers) != len(self.layers):
-                raise ValueError(
-                    f"{cache.seal[0]} holds {len(cache.layers)} layers of memory; this model has {len(self.layers)}"
-                )
-            bad = [r for r in cache.record.ratios if r not in allowed_ratios(self.config)]
-            if bad:
-                raise ValueError(
-                    f"{cache.seal[0]} records compression ratio(s) {bad}; this model compresses windows of "
-                    f"{self.config.beacon_window} tokens at ratios {allowed_ratios(self.config)}"
-                )
-            text_rows = cache.get_seq_length() - cache.compressed_rows
-            tail = cache.record.absorbed_ids[:, cache.record.absorbed_length - text_rows :]
-            visual_ids = torch.tensor(list(visual_kinds(self.config).values()), device=tail.device)
-            if text_rows and torch.isin(tail, visual_ids).any():
-                raise ValueError(
-                    f"{cache.seal[0]} is inconsistent: its compressed_rows ({cache.compressed_rows}) leaves visual "
-                    f"tokens among the last {text_rows} rows, which only raw text may hold"
-                )
-            cache.bind(self.identity, self.weights_key)
+        """Bind `cache` to this model; a cache read from a file is checked on its first use (its signature, its
+        layers and ratios) and its keys and values are cast to the model's dtype, once."""
+        loaded = cache.seal is not None
+        if loaded:
+            ratios, visual_ids = allowed_ratios(self.config), list(visual_kinds(self.config).values())
+            check_against_model(cache, len(self.layers), ratios, self.config.beacon_window, visual_ids)
+        cache.bind(self.identity, self.weights_key)
+        if loaded:
             dtype = self.embed_tokens.weight.dtype
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
-        else:
-            cache.bind(self.identity, self.weights_key)
 
     # ---- one step ----------------------------------------------------------------------------------------------
 
@@ -787,52 +771,32 @@ class VideoXLModel(VideoXLPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         cache = self.new_cache() if cache is None else check_beacon_cache(cache)
-        with cache.lock:
-            return self.run(
-                input_ids, attention_mask, pixel_values_videos, pixel_values, cache, compression_ratio,
-                output_columns, inputs_embeds, use_cache, output_hidden_states,
-            )
-
-    def run(
-        self,
-        input_ids: torch.LongTensor | None,
-        attention_mask: torch.Tensor | None,
-        pixel_values_videos: torch.Tensor | None,
-        pixel_values: torch.Tensor | None,
-        cache: BeaconCache,
-        compression_ratio: int | None,
-        output_columns: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        use_cache: bool | None,
-        output_hidden_states: bool,
-    ) -> BaseModelOutputWithPast:
-        """[`forward`] holding the cache's lock."""
-        self.use_cache_here(cache)
-        input_ids, visual = self.checked_inputs(input_ids, inputs_embeds, pixel_values_videos, pixel_values, cache)
-        valid = self.input_validity(attention_mask, input_ids)
-        if visual is not None and not same_layout(input_ids, tuple(visual_kinds(self.config).values())):
-            return self.forward_per_sample(
-                input_ids, valid, visual, cache, compression_ratio, output_columns, use_cache, output_hidden_states
-            )
-        steps = self.plan(input_ids, visual, compression_ratio)
-
-        outputs, kept_states = [], []
-        progress = window_progress(steps, self.training)
-        for step in steps:
-            layer_states = [] if output_hidden_states else None
-            hidden_states = self.run_step(step, input_ids, inputs_embeds, visual, valid, cache, layer_states)
-            if output_columns is None and not step.is_window:
-                outputs.append(self.norm(hidden_states))
-            else:
-                wanted = self.columns_of_step(step, output_columns, len(steps) == 1, hidden_states.device)
-                if wanted.numel():
-                    outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
-            if output_hidden_states:
-                kept_states.append(self.kept_rows(step, layer_states))
-            if step.is_window:
-                progress.update()
-        progress.close()
-        self.warn_beyond_max_positions(cache)
+        with cache.lock:  # calls on several threads with one cache run one at a time
+            self.use_cache_here(cache)
+            input_ids, visual = self.checked_inputs(input_ids, inputs_embeds, pixel_values_videos, pixel_values, cache)
+            valid = self.input_validity(attention_mask, input_ids)
+            if visual is not None and not same_layout(input_ids, tuple(visual_kinds(self.config).values())):
+                return self.forward_per_sample(
+                    input_ids, valid, visual, cache, compression_ratio, output_columns, use_cache, output_hidden_states
+                )
+            steps = self.plan(input_ids, visual, compression_ratio)
+            outputs, kept_states = [], []
+            progress = window_progress(steps, self.training)
+            for step in steps:
+                layer_states = [] if output_hidden_states else None
+                hidden_states = self.run_step(step, input_ids, inputs_embeds, visual, valid, cache, layer_states)
+                if output_columns is None and not step.is_window:
+                    outputs.append(self.norm(hidden_states))
+                else:
+                    wanted = self.columns_of_step(step, output_columns, len(steps) == 1, hidden_states.device)
+                    if wanted.numel():
+                        outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
+                if output_hidden_states:
+                    kept_states.append(self.kept_rows(step, layer_states))
+                if step.is_window:
+                    progress.update()
+            progress.close()
+            self.warn_beyond_max_positions(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(outputs, dim=1) if len(outputs) > 1 else (outputs[0] if outputs else None),
             hidden_states=self.kept_hidden_states(kept_states) if output_hidden_states else None,
@@ -1249,13 +1213,13 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: generate needs at least one token of prompt")
         fresh = kwargs.get("is_first_iteration") or cache is None or cache.record.absorbed_length == 0
-        if attention_mask is not None:
+        if fresh and attention_mask is not None:
             check_attention_mask(attention_mask)
-        if fresh and attention_mask is not None and not attention_mask[:, -1].all():
-            raise ValueError(
-                "generate got a right-padded batch (a prompt ends in padding, so its next token would follow the "
-                "padding): pad on the left for generation (the processor does by default: padding_side='left')."
-            )
+            if not attention_mask[:, -1].all():
+                raise ValueError(
+                    "generate got a right-padded batch (a prompt ends in padding, so its next token would follow the "
+                    "padding): pad on the left for generation (the processor does by default: padding_side='left')."
+                )
         absorbed = 0
         if cache is not None:
             check_beacon_cache(cache).align(input_ids)
