@@ -186,6 +186,44 @@ def check_attention_mask(attention_mask: torch.Tensor) -> None:
         )
 
 
+def input_validity(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """`[batch, seq]` bool: which columns of `input_ids` are tokens (not padding), from an `attention_mask` `[batch,
+    seq]` or `[batch, past + seq]` whose last `seq` columns are theirs."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"attention_mask must be 2-D [batch, seq], got shape {tuple(attention_mask.shape)} for input_ids "
+            f"{tuple(input_ids.shape)}"
+        )
+    if attention_mask.shape[1] < input_ids.shape[1]:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[1]} columns, fewer than the {input_ids.shape[1]} of input_ids"
+        )
+    if input_ids.shape[1] > 1:  # a prefill; a decode step's single column cannot open a hole
+        check_attention_mask(attention_mask)
+    return attention_mask[:, -input_ids.shape[1] :].bool()
+
+
+def check_run_continues(absorbed_ids: torch.Tensor | None, input_ids: torch.Tensor, config: VideoXLConfig) -> None:
+    """Refuse `input_ids` that continue a visual run whose last window in the memory (`absorbed_ids`, the ids it
+    holds) was partial: its windows would be cut where one prompt would not cut them (a run may go on across calls
+    only after whole windows, as live ingestion and a retried prompt do)."""
+    if absorbed_ids is None or input_ids.shape[1] == 0:
+        return
+    last = absorbed_ids[0, -1]
+    if int(last) not in visual_kinds(config).values() or input_ids[0, 0] != last:
+        return
+    others = (absorbed_ids[0] != last).nonzero()
+    run = absorbed_ids.shape[1] - (int(others[-1]) + 1 if others.numel() else 0)
+    if run % config.beacon_window:
+        raise ValueError(
+            f"input_ids continue a visual run of {run} tokens that the cache closed with a partial window (windows "
+            f"are {config.beacon_window} tokens): its frames would be compressed differently from one prompt. Pass "
+            "cache=None, or feed a visual run in whole windows."
+        )
+
+
 def is_plain_text(input_ids: torch.Tensor, config: VideoXLConfig) -> bool:
     """Whether `input_ids` `[batch, seq]` are vocabulary ids without a visual token (a decode step, a question): such
     a call runs as one text step without the planner and the visual checks. Anything else takes the general path,

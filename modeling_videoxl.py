@@ -12,6 +12,7 @@ sample by sample ([`VideoXLModel.forward_per_sample`]) and decodes from one stac
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,8 @@ from .inputs_videoxl import (
     check_input_ids,
     check_inputs_embeds,
     check_output_attentions,
+    check_run_continues,
+    input_validity,
     is_plain_text,
     same_layout,
     visual_kinds,
@@ -208,6 +211,31 @@ class Step:
             return columns if self.start == 0 else columns - self.start
         offset = columns - self.start
         return offset + offset // self.ratio
+
+    def columns(self, output_columns: torch.Tensor | None, single: bool, device: torch.device) -> torch.Tensor:
+        """The output columns `[n]` inside this step (all of its columns when `output_columns` is None); `single`:
+        this is the call's only step."""
+        if output_columns is None:
+            return torch.arange(self.start, self.end, device=device)
+        if single:
+            return output_columns
+        return output_columns[(output_columns >= self.start) & (output_columns < self.end)]
+
+    def row_validity(self, valid: torch.Tensor) -> torch.Tensor:
+        """`[batch, rows]` bool validity of the rows from the columns' `valid` `[batch, seq]`; a window's VSTs are
+        valid when its visual tokens are."""
+        columns = valid[:, self.start : self.end]
+        if not self.is_window:
+            return columns
+        groups = columns.reshape(columns.shape[0], self.num_vsts, self.ratio)
+        return torch.cat([groups, groups[:, :, -1:]], dim=2).flatten(1)
+
+    def kept_rows(self, layer_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The rows that stay in memory (every text row, a window's VST rows) of each of `layer_states`."""
+        if not self.is_window:
+            return layer_states
+        rows = self.vst_rows(layer_states[0].device)
+        return [states[:, rows.to(states.device)] for states in layer_states]
 
 
 class RatioSchedule:
@@ -713,7 +741,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             hidden_states = self.embed_step(step, input_ids, visual)
         if layer_states is not None:
             layer_states.append(hidden_states)
-        row_valid = self.row_validity(step, valid)
+        row_valid = step.row_validity(valid)
         base = cache.next_positions()
         base = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device) if base is None else base
         key_valid = self.step_key_validity(row_valid, cache.key_mask)
@@ -774,7 +802,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         with cache.lock:  # calls on several threads with one cache run one at a time
             self.use_cache_here(cache)
             input_ids, visual = self.checked_inputs(input_ids, inputs_embeds, pixel_values_videos, pixel_values, cache)
-            valid = self.input_validity(attention_mask, input_ids)
+            valid = input_validity(attention_mask, input_ids)
             if visual is not None and not same_layout(input_ids, tuple(visual_kinds(self.config).values())):
                 return self.forward_per_sample(
                     input_ids, valid, visual, cache, compression_ratio, output_columns, use_cache, output_hidden_states
@@ -788,11 +816,11 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 if output_columns is None and not step.is_window:
                     outputs.append(self.norm(hidden_states))
                 else:
-                    wanted = self.columns_of_step(step, output_columns, len(steps) == 1, hidden_states.device)
+                    wanted = step.columns(output_columns, len(steps) == 1, hidden_states.device)
                     if wanted.numel():
                         outputs.append(self.norm(hidden_states[:, step.rows_of_columns(wanted)]))
                 if output_hidden_states:
-                    kept_states.append(self.kept_rows(step, layer_states))
+                    kept_states.append(step.kept_rows(layer_states))
                 if step.is_window:
                     progress.update()
             progress.close()
@@ -802,17 +830,6 @@ class VideoXLModel(VideoXLPreTrainedModel):
             hidden_states=self.kept_hidden_states(kept_states) if output_hidden_states else None,
             **cache_field(cache if use_cache is not False else None),
         )
-
-    @staticmethod
-    def columns_of_step(
-        step: Step, output_columns: torch.Tensor | None, single: bool, device: torch.device
-    ) -> torch.Tensor:
-        """The output columns `[n]` inside a step (all of its columns when `output_columns` is None)."""
-        if output_columns is None:
-            return torch.arange(step.start, step.end, device=device)
-        if single:
-            return output_columns
-        return output_columns[(output_columns >= step.start) & (output_columns < step.end)]
 
     def checked_inputs(
         self,
@@ -834,7 +851,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
         if no_pixels and input_ids is not None and is_plain_text(input_ids, self.config):
             return input_ids, None
         check_input_ids(input_ids, self.config)
-        self.check_run_continues(cache, input_ids)
+        check_run_continues(cache.record.absorbed_ids, input_ids, self.config)
         pixels = {"pixel_values_videos": pixel_values_videos, "pixel_values": pixel_values}
         visual = VisualInputs.from_pixels(input_ids, pixels, self.config)
         visual.check_values(self.config)
@@ -842,6 +859,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
 
     def plan(self, input_ids: torch.Tensor, visual: VisualInputs | None, compression_ratio: int | None) -> list[Step]:
         """The steps of one call: a text-only call is one text step; else [`plan_steps`]."""
+        # Made for text-only calls too: a recording schedule logs one list (empty here) per forward.
         ratio_for_window = self.ratio_sampler(compression_ratio)
         if visual is None:
             return [Step(0, input_ids.shape[1])]
@@ -910,14 +928,6 @@ class VideoXLModel(VideoXLPreTrainedModel):
 
     # ---- standard outputs --------------------------------------------------------------------------------------
 
-    @staticmethod
-    def kept_rows(step: Step, layer_states: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The rows of one step that stay in memory (every text row, a window's VST rows), at every layer."""
-        if not step.is_window:
-            return layer_states
-        rows = step.vst_rows(layer_states[0].device)
-        return [states[:, rows.to(states.device)] for states in layer_states]
-
     def kept_hidden_states(self, kept_states: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         """`hidden_states` like the library's: the input embeddings, then each layer's output, the last one after
         the final norm; each `[batch, kept_rows, hidden]` over the rows this call adds to the memory, in order: text
@@ -943,25 +953,6 @@ class VideoXLModel(VideoXLPreTrainedModel):
 
     # ---- input handling ----------------------------------------------------------------------------------------
 
-    def check_run_continues(self, cache: BeaconCache, input_ids: torch.Tensor) -> None:
-        """Refuse to continue a visual run whose last window in the cache was partial: its windows would be cut
-        where one prompt would not cut them (a run may go on across calls only after whole windows, as live
-        ingestion and a retried prompt do)."""
-        absorbed = cache.record.absorbed_ids
-        if absorbed is None or input_ids.shape[1] == 0:
-            return
-        last = absorbed[0, -1]
-        if int(last) not in visual_kinds(self.config).values() or input_ids[0, 0] != last:
-            return
-        others = (absorbed[0] != last).nonzero()
-        run = absorbed.shape[1] - (int(others[-1]) + 1 if others.numel() else 0)
-        if run % self.config.beacon_window:
-            raise ValueError(
-                f"input_ids continue a visual run of {run} tokens that the cache closed with a partial window (windows "
-                f"are {self.config.beacon_window} tokens): its frames would be compressed differently from one "
-                "prompt. Pass cache=None, or feed a visual run in whole windows."
-            )
-
     def ratio_sampler(self, compression_ratio: int | None) -> Callable[[], int]:
         """The ratio of each window: the given one; a draw from the training ratios in train mode; else the default."""
         if compression_ratio is not None:
@@ -972,34 +963,6 @@ class VideoXLModel(VideoXLPreTrainedModel):
             return lambda: ratio
         choices = [check_ratio(r, self.config) for r in self.config.beacon_train_ratios]
         return self.ratio_schedule.sampler(choices)
-
-    @staticmethod
-    def input_validity(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
-        """`[batch, seq]` bool: which input columns are tokens (not padding)."""
-        if attention_mask is None:
-            return torch.ones_like(input_ids, dtype=torch.bool)
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"attention_mask must be 2-D [batch, seq], got shape {tuple(attention_mask.shape)} for input_ids "
-                f"{tuple(input_ids.shape)}"
-            )
-        if attention_mask.shape[1] < input_ids.shape[1]:
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[1]} columns, fewer than the {input_ids.shape[1]} of input_ids"
-            )
-        if input_ids.shape[1] > 1:  # a prefill; a decode step's single column cannot open a hole
-            check_attention_mask(attention_mask)
-        return attention_mask[:, -input_ids.shape[1] :].bool()
-
-    @staticmethod
-    def row_validity(step: Step, valid: torch.Tensor) -> torch.Tensor:
-        """`[batch, rows]` bool validity of a step's rows; VSTs of a window are valid when its visual tokens are."""
-        columns = valid[:, step.start : step.end]
-        if not step.is_window:
-            return columns
-        groups = columns.reshape(columns.shape[0], step.num_vsts, step.ratio)
-        return torch.cat([groups, groups[:, :, -1:]], dim=2).flatten(1)
-
 
 class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     """Video-XL with a language-model head: `generate` on videos, images and text; `labels` for training."""
@@ -1159,9 +1122,7 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`, holding the lock of a given cache (under either name) throughout, so that
         calls on several threads with one cache run one at a time instead of interleaving their steps."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None:
-            return super().generate(*args, **kwargs)
-        with check_beacon_cache(cache).lock:
+        with nullcontext() if cache is None else check_beacon_cache(cache).lock:
             return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
