@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import select_best_resolution
@@ -101,6 +103,22 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8))
 
 
+_STRICT_LOADING = threading.Lock()
+
+
+@contextmanager
+def strict_loading():
+    """PIL refuses data that ends early while this holds. Libraries set PIL's process-wide
+    `LOAD_TRUNCATED_IMAGES` (lmms-eval does at import), under which a cut file decodes into gray rows without a
+    word; the flag is restored afterwards (a lock keeps concurrent loads here from restoring each other's)."""
+    with _STRICT_LOADING:
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def pil_to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
     """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) -> upright RGB.
 
@@ -110,7 +128,8 @@ def pil_to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
     """
     _check_sides(image.width, image.height, what)
     try:
-        image.load()
+        with strict_loading():
+            image.load()
         image = ImageOps.exif_transpose(image)
     except OSError as err:  # "image file is truncated", "broken data stream", ...
         raise ValueError(f"{what} is truncated or corrupt ({err})") from err

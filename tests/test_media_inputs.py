@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from _video_files import frame_pattern, write_video
 from scripts.local_import import REPO_ROOT, compat, image_processing, processing
@@ -74,6 +74,16 @@ def test_truncated_jpeg_as_pil_or_path_is_an_error_naming_the_input(processor, t
         processor(text="<image>", images=Image.open(io.BytesIO(data[: len(data) // 2])))
     with pytest.raises(ValueError, match=r"image 0 \(.*cut\.jpg\) is truncated or corrupt"):
         processor(text="<image>", images=str(path))
+
+
+def test_truncated_jpeg_is_refused_where_a_library_lets_pil_load_truncated_images(processor, monkeypatch):
+    # lmms-eval sets PIL's process-wide flag at import; a cut file must still be an error, and the flag stay set
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    data = jpeg_bytes(frame_pattern(1, 200, 300))
+    with pytest.raises(ValueError, match=r"image 0 \(\d+ bytes\) is truncated or corrupt"):
+        processor(text="<image>", images=data[: len(data) // 2])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    assert Image.open(io.BytesIO(data[: len(data) // 2])).load() is not None  # the caller's own loads stay lenient
 
 
 def test_not_an_image(processor):
