@@ -175,6 +175,8 @@ class MemoryRecord:
     digests: dict[int, torch.Tensor] = field(default_factory=dict)
     media: list[dict[str, Any]] = field(default_factory=list)
     model_id: str | None = None
+    # The columns `id_pieces` hold, counted as they change: generation reads it at every token.
+    absorbed_length: int = 0
 
     @property
     def absorbed_ids(self) -> torch.Tensor | None:
@@ -182,9 +184,15 @@ class MemoryRecord:
             self.id_pieces = [torch.cat(self.id_pieces, dim=1)]
         return self.id_pieces[0] if self.id_pieces else None
 
-    @property
-    def absorbed_length(self) -> int:
-        return sum(piece.shape[1] for piece in self.id_pieces)
+    def add_ids(self, ids: torch.Tensor) -> None:
+        """Append the `[batch, columns]` ids of one step."""
+        self.id_pieces.append(ids)
+        self.absorbed_length += ids.shape[1]
+
+    def set_ids(self, ids: torch.Tensor | None) -> None:
+        """Replace the absorbed ids (`[batch, columns]`; None or no column: none)."""
+        self.id_pieces = [] if ids is None or ids.shape[1] == 0 else [ids]
+        self.absorbed_length = 0 if not self.id_pieces else ids.shape[1]
 
     @property
     def batch_size(self) -> int | None:
@@ -196,15 +204,14 @@ class MemoryRecord:
 
     def cut(self, absorbed_length: int, ratios: int, frames: dict[int, int]) -> None:
         """Keep the first `absorbed_length` ids, `ratios` ratios and `frames[token_id]` frames' digests."""
-        ids = self.absorbed_ids
-        self.id_pieces = [ids[:, :absorbed_length]] if absorbed_length else []
+        self.set_ids(self.absorbed_ids[:, :absorbed_length] if absorbed_length else None)
         self.ratios = self.ratios[:ratios]
         self.digests = {t: d[:, : frames[t]] for t, d in self.digests.items() if frames.get(t)}
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension operation (reorder, repeat, select) to the per-sample fields."""
         ids = self.absorbed_ids
-        self.id_pieces = [] if ids is None else [fn(ids)]
+        self.set_ids(None if ids is None else fn(ids))
         self.digests = {token_id: fn(d) for token_id, d in self.digests.items()}
 
 
@@ -301,7 +308,7 @@ class BeaconCache(Cache):
             raise
         # After everything that can fail: the validity and the record move with the rows.
         self.key_mask = key_mask
-        self.record.id_pieces.append(ids)
+        self.record.add_ids(ids)
         self.record.digests = all_digests
         if ratio:
             self.record.ratios.append(ratio)
@@ -401,8 +408,7 @@ class BeaconCache(Cache):
         for layer in self.layers:
             layer.truncate(rows)
         self.key_mask = self.key_mask[:, :rows] if rows else None
-        ids = self.record.absorbed_ids[:, :-remove]
-        self.record.id_pieces = [ids] if ids.shape[1] else []
+        self.record.set_ids(self.record.absorbed_ids[:, :-remove])
 
     @holding_lock
     def rewind(self, absorbed_length: int) -> None:

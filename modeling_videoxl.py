@@ -118,10 +118,9 @@ def memory_causal_attention(
         stacked = query.reshape(batch, heads // groups, groups * rows, head_dim)
         memory_out, memory_lse = flash_cpu(stacked, *memory, 0.0, False, scale=scaling)
         memory_out, memory_lse = memory_out.reshape(query.shape), memory_lse.reshape(batch, heads, rows)
-        lse = torch.logaddexp(memory_lse, step_lse)
-        memory_weight = (memory_lse - lse).exp().unsqueeze(-1).to(query.dtype)
-        step_weight = (step_lse - lse).exp().unsqueeze(-1).to(query.dtype)
-        return (memory_out * memory_weight + step_out * step_weight).transpose(1, 2)
+        # The memory's share of the softmax mass: exp(m) / (exp(m) + exp(s)) = sigmoid(m - s).
+        memory_weight = torch.sigmoid(memory_lse - step_lse).unsqueeze(-1).to(query.dtype)
+        return (step_out + (memory_out - step_out) * memory_weight).transpose(1, 2)
     keys = step_keys if memory is None else torch.cat([memory[0], step_keys], dim=2)
     values = step_values if memory is None else torch.cat([memory[1], step_values], dim=2)
     if rows == 1 or memory is None:  # one new row sees everything; with no memory this is plain causal attention
@@ -859,11 +858,11 @@ class VideoXLModel(VideoXLPreTrainedModel):
 
     def plan(self, input_ids: torch.Tensor, visual: VisualInputs | None, compression_ratio: int | None) -> list[Step]:
         """The steps of one call: a text-only call is one text step; else [`plan_steps`]."""
-        # Made for text-only calls too: a recording schedule logs one list (empty here) per forward.
-        ratio_for_window = self.ratio_sampler(compression_ratio)
         if visual is None:
+            if self.training:  # a recording schedule logs one list per forward (empty for a text-only one)
+                self.ratio_sampler(compression_ratio)
             return [Step(0, input_ids.shape[1])]
-        return plan_steps(input_ids, self.config, ratio_for_window)
+        return plan_steps(input_ids, self.config, self.ratio_sampler(compression_ratio))
 
     def forward_per_sample(
         self,
