@@ -3,6 +3,7 @@ kind's frames, per sample), built and checked once per prefill. Bad input gets o
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,34 @@ class VisualInputs:
             if sum(sample.shape[0] for sample in samples):
                 arguments[name] = torch.cat(samples)
         return arguments
+
+
+def unabsorbed_pixels(
+    input_ids: torch.Tensor,
+    absorbed: int,
+    pixels: dict[str, torch.Tensor | None],
+    config: VideoXLConfig,
+    check_held: Callable[[int, list[torch.Tensor]], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The pixel arguments (by name) of the visual tokens in `input_ids[:, absorbed:]`, from `pixels` that cover
+    either every visual token of `input_ids` (the frames of the first `absorbed` columns are dropped, after
+    `check_held(token_id, frames per sample)` where given) or only the new ones. Samples may hold different numbers
+    of frames."""
+    if absorbed == 0:
+        return {name: value for name, value in pixels.items() if value is not None}
+    try:
+        visual = VisualInputs.from_pixels(input_ids, pixels, config)
+    except ValueError:
+        return VisualInputs.from_pixels(input_ids[:, absorbed:], pixels, config).as_arguments(config)
+    held = {}
+    for token_id, samples in visual.frames.items():
+        tokens = (input_ids[:, :absorbed] == token_id).sum(dim=1)
+        if (tokens % config.tokens_per_frame).any():
+            raise ValueError(f"the cache ends inside a frame (token id {token_id}; {tokens.tolist()} tokens absorbed)")
+        held[token_id] = (tokens // config.tokens_per_frame).tolist()
+        if check_held is not None:
+            check_held(token_id, [sample[:n] for sample, n in zip(samples, held[token_id])])
+    return visual.drop_first(held).as_arguments(config)
 
 
 def check_pixel_values(name: str, pixels: torch.Tensor) -> None:

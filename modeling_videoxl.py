@@ -56,6 +56,7 @@ from .inputs_videoxl import (
     input_validity,
     is_plain_text,
     same_layout,
+    unabsorbed_pixels,
     visual_kinds,
 )
 from .session_videoxl import LiveVideo, chat
@@ -1188,36 +1189,9 @@ class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
                   **model_options(kwargs)}
         pixels = {name: kwargs.get(name) for name in visual_kinds(self.config)}
         if any(value is not None for value in pixels.values()):
-            inputs.update(self.unabsorbed_pixels(input_ids, absorbed, cache, pixels, kwargs.get("is_first_iteration")))
+            check_held = cache.check_frames if absorbed and kwargs.get("is_first_iteration") else None
+            inputs.update(unabsorbed_pixels(input_ids, absorbed, pixels, self.config, check_held))
         return inputs
-
-    def unabsorbed_pixels(
-        self,
-        input_ids: torch.Tensor,
-        absorbed: int,
-        cache: BeaconCache | None,
-        pixels: dict[str, torch.Tensor | None],
-        check_held_frames: bool,
-    ) -> dict[str, torch.Tensor]:
-        """The pixel arguments of the visual tokens in `input_ids[:, absorbed:]`, from `pixels` that cover either
-        every visual token of `input_ids` (the frames the cache holds are dropped, and checked against it with
-        `check_held_frames`) or only the new ones. Samples may hold different numbers of frames."""
-        per_frame = self.config.tokens_per_frame
-        if absorbed == 0:
-            return {name: value for name, value in pixels.items() if value is not None}
-        try:
-            visual = VisualInputs.from_pixels(input_ids, pixels, self.config)
-        except ValueError:
-            return VisualInputs.from_pixels(input_ids[:, absorbed:], pixels, self.config).as_arguments(self.config)
-        held = {}
-        for token_id, samples in visual.frames.items():
-            tokens = (input_ids[:, :absorbed] == token_id).sum(dim=1)
-            if (tokens % per_frame).any():
-                raise ValueError(f"the cache ends inside a frame (token id {token_id}; {tokens.tolist()} tokens absorbed)")
-            held[token_id] = (tokens // per_frame).tolist()
-            if check_held_frames:
-                cache.check_frames(token_id, [sample[:n] for sample, n in zip(samples, held[token_id])])
-        return visual.drop_first(held).as_arguments(self.config)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         """Repeat each sample's frames with the sample (the library's repeat would interleave frames of a video)."""
