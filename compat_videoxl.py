@@ -54,7 +54,6 @@ check_transformers_version()
 import dataclasses  # noqa: E402
 import inspect  # noqa: E402
 
-from transformers import TrainingArguments  # noqa: E402
 from transformers import modeling_outputs as _outputs  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 from transformers.modeling_utils import PreTrainedModel  # noqa: E402
@@ -124,31 +123,45 @@ CausalLMOutputWithPast = _with_cache_alias(_outputs.CausalLMOutputWithPast)
 ACTIVATION_CHECKPOINTING = (
     "activation_checkpointing" if hasattr(PreTrainedModel, "activation_checkpointing_enable") else "gradient_checkpointing"
 )
-_TRAINING_ARGUMENT_NAMES = {f.name for f in dataclasses.fields(TrainingArguments)}
+def __getattr__(name: str):
+    # `ActivationCheckpointingArguments` is built on first use (by the training scripts): `TrainingArguments` imports
+    # the trainer's helpers, which import PEFT and through it bitsandbytes, which fetches kernels from the Hub at
+    # import. The model and processor import this module and must not.
+    if name == "ActivationCheckpointingArguments":
+        globals()[name] = _activation_checkpointing_arguments()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclasses.dataclass
-class ActivationCheckpointingArguments:
-    """Mixin for a `TrainingArguments` dataclass (listed before it): `activation_checkpointing` and
-    `activation_checkpointing_kwargs` (also `--activation_checkpointing` on the command line) on releases whose only
-    names are `gradient_checkpointing*` (before 5.23), kept equal to them. Empty where the library has both."""
+def _activation_checkpointing_arguments() -> type:
+    from transformers import TrainingArguments
 
-    if "activation_checkpointing" not in _TRAINING_ARGUMENT_NAMES:
-        activation_checkpointing: bool | None = dataclasses.field(
-            default=None, metadata={"help": "Activation checkpointing (this release's gradient_checkpointing).",
-                                    "nargs": "?", "const": True})
-        activation_checkpointing_kwargs: dict | str | None = dataclasses.field(
-            default=None, metadata={"help": "Keyword arguments of activation checkpointing "
-                                            "(this release's gradient_checkpointing_kwargs)."})
+    training_argument_names = {f.name for f in dataclasses.fields(TrainingArguments)}
 
-        def __post_init__(self):
-            if self.activation_checkpointing is not None:
-                self.gradient_checkpointing = self.activation_checkpointing
-            if self.activation_checkpointing_kwargs is not None:
-                self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
-            super().__post_init__()
-            self.activation_checkpointing = self.gradient_checkpointing
-            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+    @dataclasses.dataclass
+    class ActivationCheckpointingArguments:
+        """Mixin for a `TrainingArguments` dataclass (listed before it): `activation_checkpointing` and
+        `activation_checkpointing_kwargs` (also `--activation_checkpointing` on the command line) on releases whose
+        only names are `gradient_checkpointing*` (before 5.23), kept equal to them. Empty where the library has both."""
+
+        if "activation_checkpointing" not in training_argument_names:
+            activation_checkpointing: bool | None = dataclasses.field(
+                default=None, metadata={"help": "Activation checkpointing (this release's gradient_checkpointing).",
+                                        "nargs": "?", "const": True})
+            activation_checkpointing_kwargs: dict | str | None = dataclasses.field(
+                default=None, metadata={"help": "Keyword arguments of activation checkpointing "
+                                                "(this release's gradient_checkpointing_kwargs)."})
+
+            def __post_init__(self):
+                if self.activation_checkpointing is not None:
+                    self.gradient_checkpointing = self.activation_checkpointing
+                if self.activation_checkpointing_kwargs is not None:
+                    self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+                super().__post_init__()
+                self.activation_checkpointing = self.gradient_checkpointing
+                self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+
+    return ActivationCheckpointingArguments
 
 
 # --------------------------------------------------------------------------------------------------------------------

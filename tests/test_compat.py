@@ -3,6 +3,8 @@ and the cache reachable under both of its names on every supported release."""
 
 import copy
 import importlib.util
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -184,3 +186,24 @@ def test_caller_offsets_from_the_processor(tmp_path):
     assert int(video.sum()) == 2 * 144 and "text_replacement_offsets" not in out
     assert {tuple(o) for o, v in zip(offsets, video.tolist()) if v} == {(2, 9)}  # each one the caller's <video>
     assert text[slice(*offsets[-1])] == " A"
+
+
+@pytest.mark.slow
+def test_loading_the_model_and_processor_imports_neither_peft_nor_bitsandbytes():
+    # bitsandbytes, imported through PEFT by the trainer's helpers, fetches kernels from the Hub at import; the
+    # training arguments' mixin (compat) is built only when a training script asks for it
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM, AutoProcessor\n"
+        f"AutoModelForCausalLM.from_pretrained({str(REPO_ROOT / 'demo' / 'model')!r}, trust_remote_code=True)\n"
+        f"AutoProcessor.from_pretrained({str(REPO_ROOT / 'demo' / 'model')!r}, trust_remote_code=True)\n"
+        "print(sorted({'peft', 'bitsandbytes'} & set(sys.modules)))\n"
+        "from scripts.local_import import compat\n"
+        "print([f for f in compat.ActivationCheckpointingArguments.__dataclass_fields__])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported, fields = result.stdout.strip().splitlines()[-2:]
+    assert imported == "[]"
+    assert fields == ("[]" if compat.ACTIVATION_CHECKPOINTING == "activation_checkpointing"
+                      else "['activation_checkpointing', 'activation_checkpointing_kwargs']")
