@@ -10,9 +10,8 @@ signature: an HMAC of that checksum keyed by the fingerprint of the writing mode
 Reading is in three stages, so that a hostile or damaged file costs no more than its own size and never a deep
 error: the header alone (every entry's dtype, shape and offsets, and every metadata field, against each other and
 the file's size), then the tensors (checksum, run lengths, finite keys and values), and at the first use with a
-model the signature (`BeaconCache.bind`), the layer count and the ratios against that model
-(`check_against_model`). The
-checksum catches damage; the signature catches a file altered by anyone without the weights, who can recompute
+model the signature (`BeaconCache.bind`), the layer count and the ratios against that model (`check_against_model`).
+The checksum catches damage; the signature catches a file altered by anyone without the weights, who can recompute
 the checksum but not the HMAC.
 """
 

@@ -951,7 +951,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
                 "or a higher compression_ratio."
             )
 
-    # ---- input handling ----------------------------------------------------------------------------------------
+    # ---- compression ratios ------------------------------------------------------------------------------------
 
     def ratio_sampler(self, compression_ratio: int | None) -> Callable[[], int]:
         """The ratio of each window: the given one; a draw from the training ratios in train mode; else the default."""
@@ -963,6 +963,7 @@ class VideoXLModel(VideoXLPreTrainedModel):
             return lambda: ratio
         choices = [check_ratio(r, self.config) for r in self.config.beacon_train_ratios]
         return self.ratio_schedule.sampler(choices)
+
 
 class VideoXLForCausalLM(VideoXLPreTrainedModel, GenerationMixin):
     """Video-XL with a language-model head: `generate` on videos, images and text; `labels` for training."""
