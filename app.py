@@ -86,7 +86,7 @@ class Memory:
 
     def megabytes(self) -> float:
         caches = [self.cache] + ([self.live.cache] if self.live is not None else [])
-        return sum(cache_bytes(cache) for cache in caches if cache is not None) / 2**20
+        return sum(cache.memory_bytes() for cache in caches if cache is not None) / 2**20
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -99,15 +99,6 @@ class Memory:
             "frames_encoded": self.frames_encoded,
             "questions": self.questions,
         }
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of the keys and values a BeaconCache keeps."""
-    total = 0
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            total += layer.keys.nbytes + layer.values.nbytes
-    return total
 
 
 class MemoryStore:

@@ -247,6 +247,10 @@ class BeaconCache(Cache):
         """`[batch]`: the position the next token of each sample takes (its valid kept rows); None while empty."""
         return None if self.key_mask is None else self.key_mask.sum(dim=1)
 
+    def memory_bytes(self) -> int:
+        """Bytes of the kept keys and values over every layer: what the memory holds on its device."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
     def memory_pieces(self, layer_idx: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The kept keys and values of one layer as lists of pieces `[batch, kv_heads, rows_i, head_dim]` (see
         [`BeaconLayer.pieces`]); empty lists while the layer is empty."""

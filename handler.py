@@ -148,10 +148,10 @@ class EndpointHandler:
 
     def keep(self, key: str, cache) -> None:
         """Keep `cache` as the most recently used memory; drop the least recently used past the budget."""
-        if cache_bytes(cache) > self.memory_budget:
+        if cache.memory_bytes() > self.memory_budget:
             return
         self.memories[key] = cache
-        while sum(cache_bytes(c) for c in self.memories.values()) > self.memory_budget:
+        while sum(c.memory_bytes() for c in self.memories.values()) > self.memory_budget:
             self.memories.popitem(last=False)
 
 
@@ -189,7 +189,3 @@ def memory_key(messages: list[dict[str, Any]], sampling: dict[str, Any], ratio: 
                 found = True
     digest.update(json.dumps([sampling, ratio], sort_keys=True).encode())
     return digest.hexdigest() if found else None
-
-
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)

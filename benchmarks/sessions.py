@@ -42,7 +42,7 @@ QUESTION_TOKENS = 12
 
 
 def cache_bytes(cache) -> dict:
-    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    kv = cache.memory_bytes()
     masks = cache.key_mask.numel()
     ids = cache.record.absorbed_ids.numel() * cache.record.absorbed_ids.element_size()
     return {"rows": cache.get_seq_length(), "kv_bytes": kv, "bytes": kv + masks + ids}

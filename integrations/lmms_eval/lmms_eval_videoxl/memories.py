@@ -6,18 +6,8 @@ from typing import Any, Hashable
 from loguru import logger as eval_logger
 
 
-def cache_bytes(cache: Any) -> int:
-    """Bytes of the keys and values a transformers `Cache` holds, over all its layers."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if tensor is not None and hasattr(tensor, "numel"):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
 class VideoMemories:
-    """Caches of encoded videos by key (file and frame sampling), at most `budget_bytes` in all.
+    """Caches (`BeaconCache`) of encoded videos by key (file and frame sampling), at most `budget_bytes` in all.
 
     A memory larger than the whole budget is not kept (its video's next question encodes it again). `peak_bytes` is
     the most this store ever held, for the benchmark's check against the budget.
@@ -42,7 +32,7 @@ class VideoMemories:
     def put(self, key: Hashable, memory: Any) -> None:
         """Keep `memory` (replacing any under `key`), dropping the least recently used ones to stay in budget."""
         self.drop(key)
-        size = cache_bytes(memory)
+        size = memory.memory_bytes()
         if size > self.budget_bytes:
             eval_logger.warning(
                 f"videoxl: one video's memory takes {size / 2**20:.0f} MiB, more than memory_budget_gb "
