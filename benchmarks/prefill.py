@@ -417,9 +417,8 @@ def run_child(spec: dict) -> dict:
             else:
                 resettable = reset_peak_rss()
                 # the collection above may hand freed pages back (mmap allocator): memory before the prefill is what
-                # is left now, read from the reset high-water mark itself (VmRSS is counted in per-CPU batches and may
-                # read a few pages above the mark the peak is then read from)
-                base_mb = min(base_mb, peak_rss_mb(resettable))
+                # is left now, which the reset high-water mark starts from
+                base_mb = min(base_mb, rss_mb())
             runner.vision_s = runner.vision_cpu_s = 0.0
             start, start_cpu = runner.clock(), time.process_time()
             logits, cache = runner.prefill(ids, pixels)
